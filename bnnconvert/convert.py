@@ -1,0 +1,217 @@
+"""Step 3, conversion: the module walker.
+
+``convert`` walks any nn.Module (nested, Sequential, ModuleDict, custom containers) and
+turns each convertible layer that has selected entries into a masked reparameterized layer
+in place (see :mod:`bnnconvert.layers`). Because layers are converted in place, no parent
+container needs rewiring, whatever its type.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .layers import (
+    BayesianLayer,
+    attach_owners,
+    bayesian_layers,
+    convertible_parameters,
+    is_convertible,
+    make_bayesian,
+    make_deterministic,
+)
+from .saliency import FREE_CRITERIA, Saliency, check_r_bayes, compute_saliency
+
+__all__ = ["BayesSummary", "bayes_summary", "convert", "to_deterministic"]
+
+INFO_ATTR = "bnnconvert_info"
+"""Attribute of a converted model's root holding the conversion settings (a plain dict)."""
+
+
+def convert(
+    model: nn.Module,
+    saliency: Saliency | str | os.PathLike | Mapping[str, Tensor],
+    r_bayes: float | None = None,
+    *,
+    prior_mu: float = 0.0,
+    prior_sigma: float = 1.0,
+    rho_init: float = -3.0,
+    moped_delta: float | None = None,
+    scope: str = "global",
+    inplace: bool = False,
+) -> nn.Module:
+    """Turn a trained deterministic model into a sparse (partial) Bayesian network.
+
+    Args:
+        model: the trained model; its weights become the posterior means mu.
+        saliency: a :class:`Saliency`, the path of a saved one, a data-free criterion
+            name ("random", "magnitude"), or ready-made masks
+            {parameter name: bool tensor} (then ``r_bayes`` must be None).
+        r_bayes: fraction of scored entries made Bayesian, in (0, 1]; 1.0 gives a fully
+            Bayesian network.
+        prior_mu, prior_sigma: the prior N(prior_mu, prior_sigma^2) of the KL term.
+        rho_init: initial rho of the Bayesian entries (sigma = softplus(rho_init)).
+        moped_delta: MOPED initialisation sigma = moped_delta * |mu| instead of rho_init
+            (advisable for r_bayes >= 5 %: a constant sigma of softplus(-3) = 0.049 is
+            larger than most trained weights).
+        scope: "global" (the paper's global top-k) or "layer" (same fraction per layer).
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns the converted model. Layers without a selected entry are left untouched.
+    """
+    masks, info = _resolve_masks(model, saliency, r_bayes, scope)
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for layer_name, layer_masks in _group_by_layer(masks).items():
+        make_bayesian(
+            modules[layer_name],
+            layer_masks,
+            prior_mu=prior_mu,
+            prior_sigma=prior_sigma,
+            rho_init=rho_init,
+            moped_delta=moped_delta,
+        )
+    attach_owners(model)
+    info.update(prior_mu=prior_mu, prior_sigma=prior_sigma, rho_init=rho_init,
+                moped_delta=moped_delta, scope=scope)
+    setattr(model, INFO_ATTR, info)
+    return model
+
+
+def _resolve_masks(model, saliency, r_bayes, scope) -> tuple[dict[str, Tensor], dict]:
+    params = convertible_parameters(model)
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to convert; "
+            "bnnconvert converts those layers only"
+        )
+    if any(isinstance(m, BayesianLayer) for m in model.modules()):
+        raise ValueError("the model is already converted; call to_deterministic() first")
+    if isinstance(saliency, Mapping):
+        if r_bayes is not None:
+            raise ValueError("pass r_bayes=None with ready-made masks: they already select")
+        _check_names(saliency, params, subset=True)
+        return dict(saliency), {"criterion": "masks", "r_bayes": _fraction(saliency, params)}
+    check_r_bayes(r_bayes)
+    if isinstance(saliency, str) and saliency in FREE_CRITERIA:
+        saliency = compute_saliency(model, None, criterion=saliency)
+    elif isinstance(saliency, (str, os.PathLike)):
+        saliency = Saliency.load(saliency)
+    if not isinstance(saliency, Saliency):
+        raise TypeError(
+            "saliency must be a Saliency, a path to a saved one, 'random', 'magnitude' or a "
+            f"dict of masks; got {type(saliency).__name__}"
+        )
+    _check_names(saliency.scores, params, subset=False)
+    masks = saliency.select(r_bayes, scope)
+    return masks, {"criterion": saliency.criterion, "r_bayes": float(r_bayes)}
+
+
+def _check_names(tensors: Mapping[str, Tensor], params: Mapping[str, Tensor], subset: bool):
+    """Raise a clear error when the masks or scores were made for another architecture."""
+    unknown = [n for n in tensors if n not in params]
+    missing = [] if subset else [n for n in params if n not in tensors]
+    if unknown or missing:
+        parts = []
+        if unknown:
+            parts.append(f"{len(unknown)} not in the model (e.g. {unknown[0]!r})")
+        if missing:
+            parts.append(f"{len(missing)} model parameters not scored (e.g. {missing[0]!r})")
+        raise ValueError(
+            "the saliency/masks were computed on another architecture: "
+            + "; ".join(parts)
+            + ". Recompute the saliency on this model."
+        )
+    for name, t in tensors.items():
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"the saliency/masks were computed on another architecture: {name!r} has "
+                f"shape {tuple(t.shape)} there but {tuple(params[name].shape)} in the model. "
+                "Recompute the saliency on this model."
+            )
+
+
+def _fraction(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> float:
+    total = sum(p.numel() for p in params.values())
+    return sum(int(m.sum()) for m in masks.values()) / total
+
+
+def _group_by_layer(masks: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for full_name, mask in masks.items():
+        layer, _, tensor = full_name.rpartition(".")
+        grouped.setdefault(layer, {})[tensor] = mask
+    return grouped
+
+
+def to_deterministic(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The original architecture with mu as weights (sigma dropped).
+
+    The result's state_dict has exactly the keys of the model before conversion.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        make_deterministic(module)
+    model.__dict__.pop(INFO_ATTR, None)
+    return model
+
+
+# ------------------------------------------------------------------------ summary
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    entries: int
+    bayesian: int
+
+
+@dataclass
+class BayesSummary:
+    """Per-layer entries and Bayesian entries of a (converted) model; prints as a table."""
+
+    rows: list[LayerRow]
+
+    @property
+    def entries(self) -> int:
+        return sum(r.entries for r in self.rows)
+
+    @property
+    def bayesian(self) -> int:
+        return sum(r.bayesian for r in self.rows)
+
+    def __str__(self) -> str:
+        width = max([len("layer"), *(len(r.name) for r in self.rows)])
+        lines = [f"{'layer':<{width}}  {'type':<16} {'entries':>11} {'bayesian':>10} {'%':>7}"]
+        for r in [*self.rows, LayerRow("total", "", self.entries, self.bayesian)]:
+            pct = 100.0 * r.bayesian / r.entries if r.entries else 0.0
+            lines.append(
+                f"{r.name:<{width}}  {r.kind:<16} {r.entries:>11,} {r.bayesian:>10,} {pct:>6.2f}%"
+            )
+        return "\n".join(lines)
+
+
+def bayes_summary(model: nn.Module) -> BayesSummary:
+    """Per convertible layer: weight+bias entries and how many are Bayesian."""
+    rows = []
+    for name, module in model.named_modules():
+        if not is_convertible(module):
+            continue
+        entries = sum(p.numel() for n, p in module._parameters.items()
+                      if n in ("weight", "bias") and p is not None)
+        bayes = 0
+        if isinstance(module, BayesianLayer):
+            bayes = sum(module.bayes_rho(n).numel() for n in module.bayes_names)
+        base = getattr(module, "_bayes_base", type(module))
+        rows.append(LayerRow(name or "(root)", base.__name__, entries, bayes))
+    return BayesSummary(rows)
+
+
+def num_bayesian(model: nn.Module) -> int:
+    """k: the number of Bayesian entries of a converted model."""
+    return sum(m.bayes_rho(n).numel() for _, m in bayesian_layers(model) for n in m.bayes_names)

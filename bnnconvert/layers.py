@@ -1,0 +1,346 @@
+"""Masked reparameterized layers: one mechanism for every Linear and convolution type.
+
+A converted layer is the same object with a generated subclass of its original class
+(the approach of ``torch.nn.utils.parametrize``), so ``isinstance`` checks and every
+hyperparameter (stride, padding, padding_mode, dilation, groups, output_padding, dtype,
+device, requires_grad) survive untouched. For each parameter tensor ``name`` ("weight" or
+"bias") that has selected entries, the layer holds:
+
+- ``name``: the posterior mean mu, the pretrained tensor itself, under its original key;
+- ``name_rho``: Parameter of shape (k,), sigma = softplus(rho) for the k selected entries;
+- ``name_idx``: int64 buffer of shape (k,), the flat indices of those entries
+  (empty when every entry is selected, the dense case);
+
+and one float64 buffer ``bayes_prior`` = (prior_mu, prior_sigma). Deterministic entries
+carry no noise. Each forward draws fresh noise: w = mu + scatter(idx, sigma * eps), an
+O(k) sampling cost on top of the copy of mu.
+
+Some modules read a child layer's parameters directly instead of calling it
+(``nn.MultiheadAttention`` reads ``out_proj.weight``; ``nn.TransformerEncoderLayer``'s
+fast path reads its linears). Such a module becomes a sampling *owner*: its forward swaps
+the sampled tensors into its Bayesian descendants for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
+
+__all__ = [
+    "BayesianLayer",
+    "bayesian_layers",
+    "convertible_parameters",
+    "is_convertible",
+    "make_bayesian",
+    "make_deterministic",
+]
+
+CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
+"""Linear and its subclasses (NonDynamicallyQuantizableLinear included), Conv1d/2d/3d,
+ConvTranspose1d/2d/3d and their subclasses."""
+
+PARAM_NAMES = ("weight", "bias")
+
+# Modules whose forward reads the parameters of their child layers directly.
+DIRECT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
+
+_MIN_SIGMA = 1e-6
+
+
+def is_convertible(module: nn.Module) -> bool:
+    """True for an initialised Linear/Conv/ConvTranspose layer (of any subclass)."""
+    if not isinstance(module, CONVERTIBLE_TYPES):
+        return False
+    return not any(
+        isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters(False)
+    )
+
+
+def convertible_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights and biases of every convertible layer, keyed by state_dict name.
+
+    Normalisation layers and any other parameter are excluded. A parameter shared by
+    several layers is listed once, under its first name.
+    """
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        if not is_convertible(module):
+            continue
+        for p_name in PARAM_NAMES:
+            p = module._parameters.get(p_name)
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
+    return out
+
+
+def softplus_inverse(sigma: Tensor) -> Tensor:
+    """rho such that softplus(rho) = sigma (sigma > 0), stable for small and large sigma."""
+    return sigma + torch.log(-torch.expm1(-sigma))
+
+
+class BayesianLayer:
+    """Mixin placed before the original class in a converted layer's MRO.
+
+    Not instantiated directly: :func:`make_bayesian` turns an existing layer into one.
+    """
+
+    bayes_names: tuple[str, ...]
+    bayes_sampling: bool
+    _bayes_active: bool
+    _bayes_base: type[nn.Module]
+
+    def forward(self, *args, **kwargs):
+        saved = _swap_in_samples((self,))
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _restore(saved)
+
+    # ----------------------------------------------------------------- per tensor
+    def bayes_rho(self, name: str) -> Tensor:
+        """rho of the selected entries of ``name``, shape (k,)."""
+        return self._parameters[f"{name}_rho"]
+
+    def bayes_index(self, name: str) -> Tensor:
+        """Flat indices (k,) of the selected entries of ``name`` into ``name.flatten()``."""
+        idx = self._buffers[f"{name}_idx"]
+        if idx.numel() == 0 and self.bayes_rho(name).numel() > 0:  # dense: every entry
+            return torch.arange(self._parameters[name].numel(), device=idx.device)
+        return idx
+
+    def bayes_mask(self, name: str) -> Tensor:
+        """Boolean mask of the Bayesian entries of ``name``, shape of the parameter."""
+        mu = self._parameters[name]
+        mask = torch.zeros(mu.numel(), dtype=torch.bool, device=mu.device)
+        mask[self.bayes_index(name)] = True
+        return mask.view(mu.shape)
+
+    def posterior_sigma(self, name: str) -> Tensor:
+        """Dense sigma of ``name`` (zero at deterministic entries), shape of the parameter."""
+        mu = self._parameters[name]
+        sigma = torch.zeros(mu.numel(), dtype=mu.dtype, device=mu.device)
+        sigma[self.bayes_index(name)] = F.softplus(self.bayes_rho(name)).detach().to(mu.dtype)
+        return sigma.view(mu.shape)
+
+    def sample_parameter(self, name: str) -> Tensor:
+        """One posterior draw of ``name``: mu + sigma * eps on the selected entries.
+
+        Returns a tensor of the parameter's shape; gradients flow to mu and rho.
+        """
+        mu = self._parameters[name]
+        rho = self.bayes_rho(name)
+        noise = F.softplus(rho) * torch.randn_like(rho)
+        noise = noise.to(mu.dtype)
+        if rho.numel() == mu.numel():  # dense: every entry is Bayesian
+            return mu + noise.view(mu.shape)
+        idx = self._buffers[f"{name}_idx"]
+        return mu.reshape(-1).index_add(0, idx, noise).view(mu.shape)
+
+    # ----------------------------------------------------------------- KL
+    def kl_loss(self, reduction: str = "mean") -> Tensor:
+        """KL(q || prior) over this layer's Bayesian entries, computed in float32 or wider.
+
+        reduction "mean": mean over each tensor's Bayesian entries, summed over tensors
+        (bayesian-torch's convention); "sum": the total over all Bayesian entries.
+        Returns a scalar tensor.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        prior = self._buffers["bayes_prior"]
+        total = None
+        for name in self.bayes_names:
+            rho = self.bayes_rho(name)
+            dtype = torch.promote_types(rho.dtype, torch.float32)
+            mu = self._parameters[name].reshape(-1)
+            if rho.numel() != mu.numel():
+                mu = mu[self._buffers[f"{name}_idx"]]
+            kl = gaussian_kl(
+                mu.to(dtype), F.softplus(rho.to(dtype)), prior[0].to(dtype), prior[1].to(dtype)
+            )
+            term = kl.mean() if reduction == "mean" else kl.sum()
+            total = term if total is None else total + term
+        return total
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        counts = ", ".join(
+            f"{n}: {self.bayes_rho(n).numel()}/{self._parameters[n].numel()}"
+            for n in self.bayes_names
+        )
+        return f"{base}, bayes=({counts})"
+
+
+class BayesianOwner:
+    """Mixin for modules that read their Bayesian descendants' parameters directly."""
+
+    def forward(self, *args, **kwargs):
+        members = tuple(m for m in self.modules() if isinstance(m, BayesianLayer))
+        saved = _swap_in_samples(members)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            _restore(saved)
+
+
+def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: Tensor) -> Tensor:
+    """Elementwise KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)), shape of mu."""
+    return (
+        torch.log(prior_sigma / sigma)
+        + (sigma.square() + (mu - prior_mu).square()) / (2 * prior_sigma.square())
+        - 0.5
+    )
+
+
+def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> list[tuple[BayesianLayer, dict]]:
+    """Put a fresh posterior sample in place of mu in each layer; return what to restore."""
+    saved = []
+    for layer in layers:
+        if not layer.bayes_sampling or layer._bayes_active:
+            continue
+        samples = {name: layer.sample_parameter(name) for name in layer.bayes_names}
+        params = layer._parameters
+        saved.append((layer, {name: params[name] for name in samples}))
+        params.update(samples)
+        layer._bayes_active = True
+    return saved
+
+
+def _restore(saved: list[tuple[BayesianLayer, dict]]) -> None:
+    for layer, originals in saved:
+        layer._parameters.update(originals)
+        layer._bayes_active = False
+
+
+# --------------------------------------------------------------------- class swap
+_CLASS_CACHE: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, base: type[nn.Module]) -> type:
+    """The generated class (mixin, base), cached; builtin torch.nn bases get a global name
+    in this module so that their instances can be pickled."""
+    key = (mixin, base)
+    cls = _CLASS_CACHE.get(key)
+    if cls is None:
+        name = f"{mixin.__name__}{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__, "_bayes_base": base})
+        if base.__module__.startswith("torch.nn") and name not in globals():
+            cls.__qualname__ = name
+            globals()[name] = cls
+        else:
+            cls.__qualname__ = f"{name}@{base.__module__}.{base.__qualname__}"
+        _CLASS_CACHE[key] = cls
+    return cls
+
+
+def _check_mask(module: nn.Module, name: str, mask: Tensor) -> Tensor:
+    param = module._parameters.get(name)
+    if param is None:
+        raise ValueError(f"{type(module).__name__} has no parameter {name!r} to make Bayesian")
+    if tuple(mask.shape) != tuple(param.shape):
+        raise ValueError(
+            f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape "
+            f"{tuple(param.shape)}; the mask was made for another architecture"
+        )
+    return mask.to(device=param.device, dtype=torch.bool).reshape(-1)
+
+
+def make_bayesian(
+    module: nn.Module,
+    masks: Mapping[str, Tensor],
+    *,
+    prior_mu: float = 0.0,
+    prior_sigma: float = 1.0,
+    rho_init: float = -3.0,
+    moped_delta: float | None = None,
+) -> nn.Module:
+    """Turn ``module`` (in place) into a masked reparameterized layer.
+
+    Args:
+        module: a convertible layer (see :func:`is_convertible`), not yet Bayesian.
+        masks: {"weight" | "bias": bool tensor of the parameter's shape}; True marks the
+            entries that get a learned sigma. Tensors whose mask is all False stay
+            deterministic; if no tensor has a selected entry the module is left as it was.
+        prior_mu, prior_sigma: the Gaussian prior N(prior_mu, prior_sigma^2).
+        rho_init: initial rho of every Bayesian entry (sigma = softplus(rho_init)).
+        moped_delta: if given, MOPED initialisation sigma = moped_delta * |mu| instead.
+
+    Returns the same module object.
+    """
+    if isinstance(module, BayesianLayer):
+        raise ValueError(f"{type(module).__name__} is already Bayesian")
+    if not is_convertible(module):
+        raise TypeError(f"{type(module).__name__} is not a Linear/Conv/ConvTranspose layer")
+    if prior_sigma <= 0:
+        raise ValueError(f"prior_sigma must be positive, got {prior_sigma}")
+    if moped_delta is not None and moped_delta <= 0:
+        raise ValueError(f"moped_delta must be positive, got {moped_delta}")
+    flat = {name: _check_mask(module, name, m) for name, m in masks.items()}
+    names = tuple(n for n in PARAM_NAMES if n in flat and bool(flat[n].any()))
+    if not names:
+        return module
+    for name in names:
+        mu = module._parameters[name]
+        sel = flat[name]
+        dense = bool(sel.all())
+        idx = torch.empty(0, dtype=torch.long, device=mu.device)
+        if not dense:
+            idx = sel.nonzero().squeeze(1)
+        mu_sel = mu.detach().reshape(-1) if dense else mu.detach().reshape(-1)[idx]
+        rho = _initial_rho(mu_sel, rho_init, moped_delta)
+        module.register_parameter(f"{name}_rho", nn.Parameter(rho))
+        module.register_buffer(f"{name}_idx", idx)
+    prior = torch.tensor([prior_mu, prior_sigma], dtype=torch.float64)
+    module.register_buffer("bayes_prior", prior.to(module._parameters[names[0]].device))
+    module.bayes_names = names
+    module.bayes_sampling = True
+    module._bayes_active = False
+    module.__class__ = _subclass(BayesianLayer, type(module))
+    return module
+
+
+def _initial_rho(mu_sel: Tensor, rho_init: float, moped_delta: float | None) -> Tensor:
+    """Initial rho for the selected means mu_sel (k,): constant, or MOPED delta * |mu|."""
+    if moped_delta is None:
+        return torch.full_like(mu_sel, rho_init)
+    if not math.isfinite(moped_delta):
+        raise ValueError("moped_delta must be finite")
+    sigma = (moped_delta * mu_sel.double().abs()).clamp_min(_MIN_SIGMA)
+    return softplus_inverse(sigma).to(mu_sel.dtype)
+
+
+def make_deterministic(module: nn.Module) -> nn.Module:
+    """Undo :func:`make_bayesian` (or the owner mixin) in place: mu stays, sigma is dropped."""
+    if isinstance(module, BayesianLayer):
+        for name in module.bayes_names:
+            del module._parameters[f"{name}_rho"]
+            del module._buffers[f"{name}_idx"]
+        del module._buffers["bayes_prior"]
+        for attr in ("bayes_names", "bayes_sampling", "_bayes_active"):
+            module.__dict__.pop(attr, None)
+    if isinstance(module, (BayesianLayer, BayesianOwner)):
+        module.__class__ = module._bayes_base
+    return module
+
+
+def attach_owners(model: nn.Module) -> None:
+    """Make every DIRECT_READERS module with Bayesian descendants a sampling owner."""
+    for module in model.modules():
+        if not isinstance(module, DIRECT_READERS) or isinstance(module, BayesianOwner):
+            continue
+        if any(isinstance(m, BayesianLayer) for m in module.modules()):
+            module.__class__ = _subclass(BayesianOwner, type(module))
+
+
+def bayesian_layers(model: nn.Module) -> Iterator[tuple[str, BayesianLayer]]:
+    """(name, layer) for every converted layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, BayesianLayer):
+            yield name, module

@@ -1,0 +1,357 @@
+"""Step 2 of the method: score every weight entry, then select the top r_bayes fraction.
+
+Criteria (a small hierarchy of scoring functions, one few-line function each):
+
+- ``"grad2"``: the paper's score, (sum over batches of the gradient)^2: the gradient is
+  accumulated over the whole pass and squared once, as the reference code does.
+- ``"fisher"``: sum over batches of the squared per-batch gradient (empirical Fisher
+  diagonal at batch level).
+- ``"magnitude"``: |w| (data-free ablation, laplace-torch's largest-magnitude subnetwork).
+- ``"random"``: uniform random scores from a seeded generator (data-free ablation).
+
+Scores cover the weights and biases of every convertible layer (Linear, Conv, ConvTranspose
+and their subclasses); normalisation layers are not scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import convertible_parameters
+
+__all__ = ["CRITERIA", "Saliency", "compute_saliency", "default_loss"]
+
+log = logging.getLogger(__name__)
+
+DATA_CRITERIA = ("grad2", "fisher")
+FREE_CRITERIA = ("magnitude", "random")
+CRITERIA = DATA_CRITERIA + FREE_CRITERIA
+_FORMAT = "bnnconvert.saliency"
+_FORMAT_VERSION = 1
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+# ------------------------------------------------------------------------ Saliency
+@dataclass
+class Saliency:
+    """Per-entry saliency scores of a model's convertible parameters.
+
+    Attributes:
+        scores: {parameter name: float32 CPU tensor of the parameter's shape}, in the
+            model's parameter order.
+        criterion: the criterion that produced the scores.
+        meta: plain-typed facts about the pass (batches, samples, seed, ...).
+    """
+
+    scores: dict[str, Tensor]
+    criterion: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{parameter name: shape}: the architecture fingerprint of the scored model."""
+        return {n: tuple(s.shape) for n, s in self.scores.items()}
+
+    @property
+    def num_entries(self) -> int:
+        """N, the number of scored entries."""
+        return sum(s.numel() for s in self.scores.values())
+
+    def select(self, r_bayes: float, scope: str = "global") -> dict[str, Tensor]:
+        """Boolean masks of the entries to make Bayesian.
+
+        Args:
+            r_bayes: fraction in (0, 1]. scope "global" selects exactly
+                k = round(r_bayes * N) entries over all tensors; "layer" selects
+                round(r_bayes * n_t) entries of each tensor t.
+            scope: "global" (the paper) or "layer".
+
+        Ties at the threshold are broken by position (parameter order, then flat index),
+        so exactly k entries are selected and the result is deterministic.
+
+        Returns {parameter name: bool tensor of the parameter's shape}.
+        """
+        check_r_bayes(r_bayes)
+        if scope == "global":
+            flat = torch.cat([s.reshape(-1) for s in self.scores.values()])
+            chosen = _top_k_mask(flat, _count(r_bayes, flat.numel()))
+            return _split(chosen, self.scores)
+        if scope == "layer":
+            return {
+                n: _top_k_mask(s.reshape(-1), _count(r_bayes, s.numel(), strict=False)).view(
+                    s.shape
+                )
+                for n, s in self.scores.items()
+            }
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the scores atomically; the file loads with torch.load(weights_only=True)."""
+        payload = {
+            "format": _FORMAT,
+            "version": _FORMAT_VERSION,
+            "criterion": self.criterion,
+            "meta": dict(self.meta),
+            "scores": dict(self.scores),
+        }
+        atomic_torch_save(payload, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Saliency:
+        """Read a file written by :meth:`save` (no code is unpickled)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"saliency file not found: {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(
+                f"{path} is not a saliency file written by bnnconvert ({exc.__class__.__name__})"
+                "; create one with bnnconvert.compute_saliency(...).save(path) or "
+                "`bnnconvert saliency`"
+            ) from None
+        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+            raise ValueError(
+                f"{path} is not a saliency file written by bnnconvert; create one with "
+                "`bnnconvert saliency`"
+            )
+        return cls(payload["scores"], payload["criterion"], payload.get("meta", {}))
+
+
+def check_r_bayes(r_bayes: float) -> None:
+    """Raise ValueError unless 0 < r_bayes <= 1."""
+    if isinstance(r_bayes, bool) or not isinstance(r_bayes, (int, float)):
+        raise TypeError(f"r_bayes must be a number in (0, 1], got {type(r_bayes).__name__}")
+    if not (0.0 < r_bayes <= 1.0) or math.isnan(r_bayes):
+        raise ValueError(
+            f"r_bayes must be in (0, 1] (a fraction: 0.01 means 1 %), got {r_bayes}"
+        )
+
+
+def _count(r_bayes: float, n: int, strict: bool = True) -> int:
+    k = round(r_bayes * n)
+    if k == 0 and strict:
+        raise ValueError(
+            f"r_bayes={r_bayes} selects round({r_bayes} x {n}) = 0 entries; "
+            f"use r_bayes >= {0.5 / n:.2g}"
+        )
+    return k
+
+
+def _top_k_mask(flat: Tensor, k: int) -> Tensor:
+    """Bool mask (N,) with exactly k True: the k largest scores, ties by lowest index."""
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    if k >= n:
+        mask.fill_(True)
+        return mask
+    if k == 0:
+        return mask
+    # numpy's introselect finds the k-th largest score in O(N), faster than torch.topk
+    threshold = float(np.partition(flat.numpy(), n - k)[n - k])
+    mask = flat > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        ties = (flat == threshold).nonzero().squeeze(1)[:missing]
+        mask[ties] = True
+    return mask
+
+
+def _split(flat_mask: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    out, start = {}, 0
+    for name, ref in like.items():
+        out[name] = flat_mask[start : start + ref.numel()].view(ref.shape)
+        start += ref.numel()
+    return out
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: never a torn file."""
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ the pass
+def default_loss(output: Tensor, target: Tensor) -> Tensor:
+    """The loss used when none is given, inferred from the target:
+
+    - integer target with one dimension fewer than the output (N,C,... vs N,...):
+      cross-entropy (multi-class classification and segmentation);
+    - target of the output's shape: binary cross-entropy with logits (multi-label).
+    """
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"the model returned {type(output).__name__}, not a tensor; pass loss_fn="
+            "a function (output, target) -> scalar loss"
+        )
+    if not target.is_floating_point() and output.dim() == target.dim() + 1:
+        return F.cross_entropy(output, target)
+    if output.shape == target.shape:
+        return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
+    raise ValueError(
+        f"cannot infer a loss for output {tuple(output.shape)} and target "
+        f"{tuple(target.shape)} ({target.dtype}); pass loss_fn=..."
+    )
+
+
+def compute_saliency(
+    model: nn.Module,
+    data: Iterable | None,
+    loss_fn: LossFn | None = None,
+    *,
+    criterion: str = "grad2",
+    num_batches: int | None = None,
+    device: str | torch.device | None = None,
+    seed: int | None = None,
+) -> Saliency:
+    """Score every entry of the model's convertible weights and biases.
+
+    Args:
+        model: the trained deterministic model. It is left exactly as found:
+            parameters, buffers (BatchNorm running statistics), ``.grad`` fields,
+            ``requires_grad`` flags and train/eval mode.
+        data: iterable of (input, target) batches; may be None for "magnitude"/"random".
+        loss_fn: (output, target) -> scalar; default :func:`default_loss`.
+        criterion: one of ``CRITERIA`` (see the module docstring).
+        num_batches: stop after this many batches (default: the whole iterable).
+        device: where to run the pass (default: the model's device). The model is moved
+            there for the pass and moved back afterwards.
+        seed: seed of the "random" criterion (default: drawn from torch's global RNG).
+
+    Returns a :class:`Saliency` with float32 CPU scores.
+
+    The gradient pass runs with BatchNorm in train mode (batch statistics, as in the
+    reference implementation); running statistics are restored afterwards.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    params = convertible_parameters(model)
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to score; "
+            "bnnconvert converts those layers only"
+        )
+    if criterion in FREE_CRITERIA:
+        scores = _data_free_scores(params, criterion, seed)
+        meta = {"seed": seed} if criterion == "random" else {}
+        return Saliency(scores, criterion, meta)
+    if data is None:
+        raise ValueError(f"criterion {criterion!r} needs data: an iterable of (input, target)")
+    grads, meta = _gradient_pass(model, params, data, loss_fn or default_loss, criterion,
+                                 num_batches, device)
+    return Saliency(grads, criterion, meta)
+
+
+def _data_free_scores(params: Mapping[str, Tensor], criterion: str, seed: int | None) -> dict:
+    if criterion == "magnitude":
+        return {n: p.detach().abs().float().cpu() for n, p in params.items()}
+    gen = torch.Generator()
+    gen.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+    return {n: torch.rand(p.shape, generator=gen) for n, p in params.items()}
+
+
+def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device):
+    """Accumulate gradient statistics over the batches; restore the model afterwards."""
+    names, tensors = list(params), list(params.values())
+    home = None
+    if device is not None:
+        home = _home_device(model)
+        model.to(device)
+    state = _snapshot(model, home)
+    acc = [torch.zeros_like(t, dtype=torch.float32) for t in tensors]
+    batches = samples = 0
+    try:
+        model.train()
+        for p in tensors:
+            p.requires_grad_(True)
+        for batch in data:
+            if num_batches is not None and batches >= num_batches:
+                break
+            x, y = _unpack(batch, tensors[0].device)
+            loss = loss_fn(model(x), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the loss of batch {batches} is {loss.item()}; check that batch's "
+                    "inputs and targets for NaN/inf and that the model is trained"
+                )
+            grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a.add_(g.square() if criterion == "fisher" else g)
+            batches += 1
+            samples += len(y)
+    finally:
+        _restore_snapshot(model, state)
+    if batches == 0:
+        raise ValueError("the data yielded no batch; pass a non-empty iterable of (input, target)")
+    scores = {}
+    for name, a in zip(names, acc):
+        if not torch.isfinite(a).all():
+            raise FloatingPointError(
+                f"non-finite gradient for parameter {name!r} in the saliency pass; check the "
+                "data for NaN/inf and the loss for log(0), or retrain the model"
+            )
+        scores[name] = (a.square() if criterion == "grad2" else a).cpu()
+    return scores, {"num_batches": batches, "num_samples": samples}
+
+
+def _unpack(batch, device):
+    if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise TypeError(
+            "each batch must be an (input, target) pair, e.g. from a DataLoader over a "
+            f"TensorDataset; got {type(batch).__name__}"
+        )
+    x, y = batch[0], batch[1]
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _snapshot(model: nn.Module, device: torch.device | None) -> dict:
+    """What the pass may change: mode flags, buffers, requires_grad, and the device to
+    return to (None: the model was not moved). ``.grad`` is never touched."""
+    return {
+        "modes": {m: m.training for m in model.modules()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "requires_grad": {p: p.requires_grad for p in model.parameters()},
+        "device": device,
+    }
+
+
+def _home_device(model: nn.Module) -> torch.device:
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if len(devices) != 1:
+        raise ValueError(
+            f"the model spans several devices {sorted(map(str, devices))}; leave device=None "
+            "to run the saliency pass where the model is"
+        )
+    return devices.pop()
+
+
+def _restore_snapshot(model: nn.Module, state: dict) -> None:
+    if state["device"] is not None:
+        model.to(state["device"])
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            saved = state["buffers"][name]
+            buf.copy_(saved.to(buf.device))
+    for m, training in state["modes"].items():
+        m.training = training
+    for p, flag in state["requires_grad"].items():
+        p.requires_grad_(flag)
