@@ -77,8 +77,13 @@ def convert(
             moped_delta=moped_delta,
         )
     attach_owners(model)
-    info.update(prior_mu=prior_mu, prior_sigma=prior_sigma, rho_init=rho_init,
-                moped_delta=moped_delta, scope=scope)
+    info.update(
+        prior_mu=prior_mu,
+        prior_sigma=prior_sigma,
+        rho_init=rho_init,
+        moped_delta=moped_delta,
+        scope=scope,
+    )
     setattr(model, INFO_ATTR, info)
     return model
 
@@ -202,8 +207,11 @@ def bayes_summary(model: nn.Module) -> BayesSummary:
     for name, module in model.named_modules():
         if not is_convertible(module):
             continue
-        entries = sum(p.numel() for n, p in module._parameters.items()
-                      if n in ("weight", "bias") and p is not None)
+        entries = sum(
+            p.numel()
+            for n, p in module._parameters.items()
+            if n in ("weight", "bias") and p is not None
+        )
         bayes = 0
         if isinstance(module, BayesianLayer):
             bayes = sum(module.bayes_rho(n).numel() for n in module.bayes_names)

@@ -169,6 +169,20 @@ class BayesianLayer:
             total = term if total is None else total + term
         return total
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Adopt the selection stored in ``state_dict``: rho and idx are resized to the
+        checkpoint's k before loading, so a model converted with other masks loads it."""
+        for name in self.bayes_names:
+            for key, store in ((f"{name}_rho", self._parameters), (f"{name}_idx", self._buffers)):
+                saved = state_dict.get(prefix + key)
+                if saved is not None and saved.shape != store[key].shape:
+                    old = store[key]
+                    new = torch.empty(saved.shape, dtype=old.dtype, device=old.device)
+                    store[key] = (
+                        nn.Parameter(new, old.requires_grad) if key.endswith("_rho") else new
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         base = super().extra_repr()
         counts = ", ".join(

@@ -134,9 +134,7 @@ def check_r_bayes(r_bayes: float) -> None:
     if isinstance(r_bayes, bool) or not isinstance(r_bayes, (int, float)):
         raise TypeError(f"r_bayes must be a number in (0, 1], got {type(r_bayes).__name__}")
     if not (0.0 < r_bayes <= 1.0) or math.isnan(r_bayes):
-        raise ValueError(
-            f"r_bayes must be in (0, 1] (a fraction: 0.01 means 1 %), got {r_bayes}"
-        )
+        raise ValueError(f"r_bayes must be in (0, 1] (a fraction: 0.01 means 1 %), got {r_bayes}")
 
 
 def _count(r_bayes: float, n: int, strict: bool = True) -> int:
@@ -255,8 +253,9 @@ def compute_saliency(
         return Saliency(scores, criterion, meta)
     if data is None:
         raise ValueError(f"criterion {criterion!r} needs data: an iterable of (input, target)")
-    grads, meta = _gradient_pass(model, params, data, loss_fn or default_loss, criterion,
-                                 num_batches, device)
+    grads, meta = _gradient_pass(
+        model, params, data, loss_fn or default_loss, criterion, num_batches, device
+    )
     return Saliency(grads, criterion, meta)
 
 
@@ -302,14 +301,14 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device)
         _restore_snapshot(model, state)
     if batches == 0:
         raise ValueError("the data yielded no batch; pass a non-empty iterable of (input, target)")
-    scores = {}
-    for name, a in zip(names, acc):
-        if not torch.isfinite(a).all():
-            raise FloatingPointError(
-                f"non-finite gradient for parameter {name!r} in the saliency pass; check the "
-                "data for NaN/inf and the loss for log(0), or retrain the model"
-            )
-        scores[name] = (a.square() if criterion == "grad2" else a).cpu()
+    bad = [name for name, a in zip(names, acc) if not torch.isfinite(a).all()]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite gradient for parameter(s) {', '.join(map(repr, bad[:5]))}"
+            f"{' ...' if len(bad) > 5 else ''} in the saliency pass; check the data for "
+            "NaN/inf and the loss for log(0), or retrain the model"
+        )
+    scores = {n: (a.square() if criterion == "grad2" else a).cpu() for n, a in zip(names, acc)}
     return scores, {"num_batches": batches, "num_samples": samples}
 
 

@@ -1,0 +1,35 @@
+# One-command set-up: every target below creates .venv and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format docs bench clean
+
+demo: $(STAMP)  ## train, convert and evaluate on the bundled real data (under 10 min on 2 cores)
+	$(VENV)/bin/bnnconvert demo
+
+test: $(STAMP)  ## lint, format check and the test suite (no GPU needed)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
+bench: $(STAMP)  ## speed and memory ratios, written to docs/benchmarks.md
+	$(PY) benchmarks/bench_core.py --markdown docs/benchmarks.md --json benchmarks/results.json
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: this build lies on the machine's disk (other versions download GBs)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
