@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -174,8 +175,18 @@ def _split(flat_mask: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a torn file."""
+def is_main_process() -> bool:
+    """False on every rank but 0 of an initialised torch.distributed process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike, *, all_ranks: bool = False) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: never a torn file.
+
+    Under torch.distributed only rank 0 writes, unless ``all_ranks``.
+    """
+    if not (all_ranks or is_main_process()):
+        return
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
@@ -238,6 +249,11 @@ def compute_saliency(
 
     The gradient pass runs with BatchNorm in train mode (batch statistics, as in the
     reference implementation); running statistics are restored afterwards.
+
+    Under torch.distributed (an initialised process group), each rank passes over its own
+    shard and the accumulated gradients (squared gradients for "fisher") are all-reduced
+    before "grad2" squares them: every rank gets the scores of one pass over all shards.
+    Only rank 0 writes the result (``Saliency.save`` does nothing on other ranks).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -299,6 +315,7 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device)
             samples += len(y)
     finally:
         _restore_snapshot(model, state)
+    batches, samples = _all_reduce(acc, batches, samples)
     if batches == 0:
         raise ValueError("the data yielded no batch; pass a non-empty iterable of (input, target)")
     bad = [name for name, a in zip(names, acc) if not torch.isfinite(a).all()]
@@ -310,6 +327,18 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device)
         )
     scores = {n: (a.square() if criterion == "grad2" else a).cpu() for n, a in zip(names, acc)}
     return scores, {"num_batches": batches, "num_samples": samples}
+
+
+def _all_reduce(acc: list[Tensor], batches: int, samples: int) -> tuple[int, int]:
+    """Under torch.distributed, sum the accumulated statistics of every rank (before the
+    grad2 squaring), so that each rank's shard counts as in one pass over all the data."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return batches, samples
+    for a in acc:
+        dist.all_reduce(a)
+    counts = torch.tensor([batches, samples], dtype=torch.float64, device=acc[0].device)
+    dist.all_reduce(counts)
+    return int(counts[0]), int(counts[1])
 
 
 def _unpack(batch, device):
