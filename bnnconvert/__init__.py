@@ -7,7 +7,8 @@ prediction with uncertainty.
 
 from .convert import BayesSummary, bayes_summary, convert, to_deterministic
 from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
-from .predict import mean_weights
+from .flops import ComparisonTable, FlopReport, compare_methods, count_flops, training_cost
+from .predict import Prediction, mean_weights, predict, predict_batches
 from .saliency import Saliency, compute_saliency
 
 __version__ = "0.1.0"
@@ -15,13 +16,21 @@ __version__ = "0.1.0"
 __all__ = [
     "BayesSummary",
     "BetaSchedule",
+    "ComparisonTable",
     "ELBOTerms",
+    "FlopReport",
+    "Prediction",
     "Saliency",
     "bayes_summary",
+    "compare_methods",
     "compute_saliency",
     "convert",
+    "count_flops",
     "elbo_loss",
     "kl_loss",
     "mean_weights",
+    "predict",
+    "predict_batches",
     "to_deterministic",
+    "training_cost",
 ]

@@ -1,15 +1,41 @@
-"""Monte Carlo prediction with uncertainty, and the deterministic forward at mu."""
+"""Monte Carlo prediction with uncertainty, and the deterministic forward at mu.
+
+``predict`` draws S posterior samples of a model's output (through
+:func:`bnnconvert.hoist.mc_outputs`), turns them into probabilities and summarises them
+in a :class:`Prediction`: the mean prediction and its uncertainty decomposition
+
+    entropy           H[ E_s p_s ]          total uncertainty (the paper's "entropy", EoE)
+    expected_entropy  E_s H[ p_s ]          aleatoric part
+    mutual_info       H[ E_s p_s ] - E_s H[ p_s ]   epistemic part (>= 0)
+
+in nats. "softmax" outputs are categorical over the class dimension 1 of (N, C, ...):
+classification (N, C) or per-pixel segmentation (N, C, H, W[, D]). "sigmoid" outputs are
+independent Bernoulli variables, one per output entry (multi-label (N, L), or binary
+segmentation (N, 1, H, W[, D])): the entropies are per entry. Entropies are computed from
+log-probabilities (log_softmax, logsigmoid, log-mean-exp over samples), so probabilities of
+exactly 0 or 1 give 0 * log 0 = 0, never NaN.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+import numbers
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any, Literal
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
+from .hoist import mc_outputs
 from .layers import bayesian_layers
 
-__all__ = ["mean_weights"]
+__all__ = ["Prediction", "mean_weights", "predict", "predict_batches", "uncertainty_terms"]
+
+Activation = Literal["softmax", "sigmoid", "none"]
+ACTIVATIONS = ("softmax", "sigmoid", "none")
 
 
 @contextmanager
@@ -27,3 +53,365 @@ def mean_weights(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, flag in zip(layers, previous):
             layer.bayes_sampling = flag
+
+
+# --------------------------------------------------------------------- entropies
+def categorical_entropy(log_p: Tensor, dim: int) -> Tensor:
+    """-sum_c p_c log p_c over ``dim`` from log-probabilities (p = 0 contributes 0).
+
+    ``log_p`` may hold -inf (p = 0). Returns ``log_p`` without ``dim``, in nats.
+    """
+    p = log_p.exp()
+    return -torch.where(p > 0, p * log_p, torch.zeros_like(p)).sum(dim)
+
+
+def uncertainty_terms(log_samples: Tensor, class_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Entropy decomposition of S categorical predictions given as log-probabilities.
+
+    Args:
+        log_samples: (S, ...) log-probabilities of S samples, normalised over ``class_dim``
+            (an index into ``log_samples``' dimensions, not 0); -inf allowed.
+        class_dim: the class dimension of ``log_samples``.
+
+    Returns (entropy, expected_entropy, mutual_info), each of shape ``log_samples.shape``
+    without dims 0 and ``class_dim``:
+
+        entropy          = H[mean_s p_s], with log mean_s p_s = logsumexp_s(log p_s) - log S
+        expected_entropy = mean_s H[p_s]
+        mutual_info      = max(entropy - expected_entropy, 0), and exactly 0 wherever the
+                           S samples are identical (so one sample gives 0, never NaN).
+    """
+    class_dim = class_dim % log_samples.ndim
+    if class_dim == 0:
+        raise ValueError("class_dim must not be the sample dimension 0")
+    n = log_samples.shape[0]
+    expected = categorical_entropy(log_samples, class_dim).mean(0)
+    log_mean = torch.logsumexp(log_samples, dim=0) - math.log(n)
+    total = categorical_entropy(log_mean, class_dim - 1)
+    identical = (log_samples.amax(0) == log_samples.amin(0)).all(class_dim - 1)
+    mutual = torch.where(identical, torch.zeros_like(total), (total - expected).clamp_min(0))
+    return total, expected, mutual
+
+
+def _float(t: Tensor) -> Tensor:
+    """``t`` in float32 or wider (half-precision outputs are summarised in float32)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _summarise(outputs: Tensor, activation: str) -> dict[str, Tensor | None]:
+    """Probabilities and uncertainty of S raw outputs (S, N, ...) of one batch."""
+    outputs = _float(outputs)
+    terms: tuple[Tensor | None, ...] = (None, None, None)
+    if activation == "softmax":
+        if outputs.ndim < 3:
+            raise ValueError(
+                f"activation='softmax' needs outputs of shape (N, C, ...) with a class "
+                f"dimension 1, got {tuple(outputs.shape[1:])}; use activation='sigmoid' for "
+                "one logit per item"
+            )
+        log_p = outputs.log_softmax(dim=2)
+        per_sample = log_p.exp()
+        terms = uncertainty_terms(log_p, class_dim=2)
+    elif activation == "sigmoid":
+        log_p = torch.stack([F.logsigmoid(outputs), F.logsigmoid(-outputs)], dim=-1)
+        per_sample = torch.sigmoid(outputs)
+        terms = uncertainty_terms(log_p, class_dim=-1)
+    else:
+        per_sample = outputs
+    entropy, expected, mutual = terms
+    return {
+        "probs": per_sample.mean(0),
+        "variance": per_sample.var(0, correction=0),
+        "entropy": entropy,
+        "expected_entropy": expected,
+        "mutual_info": mutual,
+        "samples": per_sample,
+    }
+
+
+# --------------------------------------------------------------------- Prediction
+class Prediction:
+    """The Monte Carlo prediction of a model on N inputs, with its uncertainty.
+
+    Shapes, for model outputs of shape (N, C, *spatial) (spatial empty for classification):
+
+    - ``probs`` (N, C, *spatial): mean over samples of the per-sample probabilities.
+    - ``samples`` (S, N, C, *spatial): the per-sample probabilities, or None when
+      ``predict(..., keep_samples=False)``.
+    - ``variance`` (N, C, *spatial): variance over samples of the probabilities
+      (population variance, 0 for a single sample).
+    - ``entropy``, ``expected_entropy``, ``mutual_info``: (N, *spatial) for "softmax"
+      (categorical over C); (N, C, *spatial) for "sigmoid" (Bernoulli per entry). In nats.
+      Not defined for activation "none" (accessing them raises ValueError).
+    - ``targets``: the targets of (input, target) batches, concatenated, or None.
+
+    With activation "none", ``probs`` and ``samples`` hold the raw outputs.
+    """
+
+    _TENSORS = (
+        "probs",
+        "variance",
+        "_entropy",
+        "_expected_entropy",
+        "_mutual_info",
+        "samples",
+        "targets",
+    )
+
+    def __init__(
+        self,
+        probs: Tensor,
+        variance: Tensor,
+        *,
+        activation: Activation = "softmax",
+        entropy: Tensor | None = None,
+        expected_entropy: Tensor | None = None,
+        mutual_info: Tensor | None = None,
+        samples: Tensor | None = None,
+        targets: Tensor | None = None,
+    ) -> None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.probs = probs
+        self.variance = variance
+        self.activation = activation
+        self._entropy = entropy
+        self._expected_entropy = expected_entropy
+        self._mutual_info = mutual_info
+        self.samples = samples
+        self.targets = targets
+
+    def _uncertainty(self, name: str) -> Tensor:
+        value = getattr(self, f"_{name}")
+        if value is None:
+            raise ValueError(
+                f"{name} is not defined for activation={self.activation!r} (raw outputs); "
+                "predict with activation='softmax' or 'sigmoid'"
+            )
+        return value
+
+    @property
+    def entropy(self) -> Tensor:
+        """Entropy of the expected prediction H[mean_s p_s]: total uncertainty (EoE)."""
+        return self._uncertainty("entropy")
+
+    @property
+    def expected_entropy(self) -> Tensor:
+        """Expected entropy mean_s H[p_s]: the aleatoric part."""
+        return self._uncertainty("expected_entropy")
+
+    @property
+    def mutual_info(self) -> Tensor:
+        """Mutual information entropy - expected_entropy (>= 0): the epistemic part."""
+        return self._uncertainty("mutual_info")
+
+    @property
+    def num_samples(self) -> int | None:
+        """S, or None when the samples were not kept."""
+        return None if self.samples is None else self.samples.shape[0]
+
+    def __len__(self) -> int:
+        return self.probs.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"Prediction(activation={self.activation!r}, probs={tuple(self.probs.shape)}, "
+            f"samples={None if self.samples is None else tuple(self.samples.shape)}, "
+            f"targets={None if self.targets is None else tuple(self.targets.shape)})"
+        )
+
+    def _map(self, fn) -> Prediction:
+        new = object.__new__(Prediction)
+        new.__dict__.update(self.__dict__)
+        for name in self._TENSORS:
+            value = getattr(self, name)
+            setattr(new, name, None if value is None else fn(value))
+        return new
+
+    def to(self, device: torch.device | str) -> Prediction:
+        """A copy with every tensor on ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def cpu(self) -> Prediction:
+        """A copy with every tensor on the CPU."""
+        return self._map(Tensor.cpu)
+
+    @staticmethod
+    def cat(predictions: Iterable[Prediction]) -> Prediction:
+        """Concatenate predictions of consecutive batches along N (samples along dim 1).
+
+        ``samples`` (``targets``) are kept only if every part has them.
+        """
+        parts = list(predictions)
+        if not parts:
+            raise ValueError("no predictions to concatenate (was the data empty?)")
+        if len(parts) == 1:
+            return parts[0]
+        activations = {p.activation for p in parts}
+        if len(activations) > 1:
+            raise ValueError(f"cannot concatenate predictions of activations {activations}")
+        new = object.__new__(Prediction)
+        new.__dict__.update(parts[0].__dict__)
+        for name in Prediction._TENSORS:
+            values = [getattr(p, name) for p in parts]
+            dim = 1 if name == "samples" else 0
+            joined = None if any(v is None for v in values) else torch.cat(values, dim=dim)
+            setattr(new, name, joined)
+        return new
+
+
+# --------------------------------------------------------------------- predict
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode within the block; each module's own training flag restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(input, target or None) of a batch: a tensor, or a sequence (input, target, ...)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        target = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], target
+    raise TypeError(
+        f"cannot read a batch of type {type(batch).__name__}: expected a tensor or an "
+        "(input, target) pair of tensors; wrap other datasets to yield one of these"
+    )
+
+
+def _batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
+    if isinstance(data, Tensor):
+        if batch_size is None:
+            return [data]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        return data.split(batch_size)
+    if batch_size is not None:
+        raise ValueError("batch_size applies to tensor input; a DataLoader sets its own")
+    return data
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return None if tensor is None else tensor.device
+
+
+def _check_args(samples: int, activation: str) -> None:
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def predict_batches(
+    model: nn.Module,
+    data: Tensor | Iterable,
+    samples: int = 5,
+    *,
+    activation: Activation = "softmax",
+    batch_size: int | None = None,
+    keep_samples: bool = True,
+    device: torch.device | str | None = None,
+    output_device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Iterator[Prediction]:
+    """Yield one :class:`Prediction` per batch (with its ``targets`` when batches are pairs).
+
+    The streaming form of :func:`predict` (same arguments): feed each batch to a
+    :class:`bnnconvert.metrics.SegmentationMeter` to evaluate a whole test set without
+    holding its probabilities in memory. Eval mode and no_grad apply only while a batch is
+    computed; the model's modes are restored before each yield.
+    """
+    _check_args(samples, activation)
+    device = _model_device(model) if device is None else torch.device(device)
+    batches = _batches(data, batch_size)
+    single = isinstance(data, Tensor) and batch_size is None
+    disable = (not progress) if progress is not None else (True if single else None)
+    batches = tqdm(batches, desc="predict", unit="batch", disable=disable)
+    return _stream(model, batches, samples, activation, keep_samples, device, output_device)
+
+
+def _stream(
+    model: nn.Module,
+    batches: Iterable,
+    samples: int,
+    activation: str,
+    keep_samples: bool,
+    device: torch.device | None,
+    output_device: torch.device | str | None,
+) -> Iterator[Prediction]:
+    for batch in batches:
+        x, target = _split_batch(batch)
+        if device is not None:
+            x = x.to(device, non_blocking=True)
+        with _eval_mode(model), torch.no_grad():
+            summary = _summarise(mc_outputs(model, x, samples), activation)
+        if not keep_samples:
+            summary["samples"] = None
+        if output_device is not None:
+            summary = {k: None if v is None else v.to(output_device) for k, v in summary.items()}
+        if target is not None:
+            target = target.to(summary["probs"].device)
+        yield Prediction(activation=activation, targets=target, **summary)
+
+
+def predict(
+    model: nn.Module,
+    x: Tensor | Iterable,
+    samples: int = 5,
+    *,
+    activation: Activation = "softmax",
+    batch_size: int | None = None,
+    keep_samples: bool = True,
+    device: torch.device | str | None = None,
+    output_device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Prediction:
+    """Monte Carlo prediction of ``model`` on ``x`` with ``samples`` posterior samples.
+
+    Runs under ``torch.no_grad()`` in eval mode (BatchNorm uses its running statistics;
+    Bayesian layers keep sampling), then restores every module's training flag. A
+    deterministic model gives S identical samples (mutual information 0). The result is
+    reproducible under ``torch.manual_seed`` (note that iterating a DataLoader draws its
+    base seed from the global RNG unless it was given its own ``generator``).
+
+    Args:
+        model: any nn.Module mapping a batch (N, ...) to outputs (N, C, ...).
+        x: an input tensor (N, ...), or an iterable of batches (a DataLoader): tensors, or
+            (input, target, ...) sequences whose targets are collected in
+            ``Prediction.targets``. Batches are concatenated along N.
+        samples: S, the number of forward passes (posterior samples).
+        activation: "softmax" (multi-class, class dim 1), "sigmoid" (multi-label or binary,
+            one Bernoulli per output entry), or "none" (raw outputs; no entropies).
+        batch_size: split a tensor ``x`` into batches of this size (memory: each batch
+            holds S x batch outputs).
+        keep_samples: keep the per-sample probabilities (S, N, C, ...) in ``.samples``;
+            False keeps only the summaries (for a segmentation test set).
+        device: where batches are sent; default the device of the model's parameters.
+        output_device: where the results are gathered (e.g. "cpu" for a GPU model on a
+            large test set); default where they were computed.
+        progress: show a tqdm bar over batches; None shows one for iterables on a terminal.
+
+    Returns a :class:`Prediction`; see its docstring for the shapes.
+    """
+    parts = predict_batches(
+        model,
+        x,
+        samples,
+        activation=activation,
+        batch_size=batch_size,
+        keep_samples=keep_samples,
+        device=device,
+        output_device=output_device,
+        progress=progress,
+    )
+    return Prediction.cat(parts)

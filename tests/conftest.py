@@ -8,6 +8,9 @@ from torch import nn
 
 from bnnconvert.models import UNet, resnet18
 
+# Two cores, often shared: one intra-op thread avoids OpenMP spin-waiting between workers.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

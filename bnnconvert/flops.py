@@ -1,0 +1,909 @@
+"""FLOP counting with fvcore, on CPU or CUDA, and the training cost of each method.
+
+:func:`count_flops` traces one forward pass with fvcore's ``FlopCountAnalysis`` (which
+records the graph with ``torch.jit``'s tracer, without ``torch.jit.trace``'s consistency
+check, so the fresh noise a converted model draws in every forward is no obstacle) and
+adds op handles for what fvcore does not count by default, so that a converted model
+reports no unsupported operator.
+
+Counting conventions (per op; "element" = one element of the tensor named):
+
+==========================================  ===============================================
+op                                          FLOPs
+==========================================  ===============================================
+conv (incl. transposed), linear, addmm,     multiply-adds, fvcore's count: one fused
+mm, matmul, bmm, baddbmm, einsum            multiply-add = 1 FLOP (``convention="fma"``);
+                                            ``convention="flop"`` doubles these (x2), the
+                                            textbook count of torch's FlopCounterMode. Bias
+                                            additions are not counted (as in both tools).
+batch_norm, group/layer/instance_norm       fvcore's estimates: BatchNorm 2 per element
+                                            in eval mode (1 without affine), 5 in training
+                                            mode; not scaled by the convention.
+upsample nearest / bilinear                 fvcore's: 1 / 4 per output element.
+elementwise arithmetic and functions        1 per output element, whatever the function:
+(add, sub, mul, div, square, pow, exp,      add of a residual, softplus, exp, log1p, a
+log, log1p, softplus, sigmoid, tanh, gelu,  softmax each count 1. Transcendental functions
+silu, softmax, ...) and random draws        cost more instructions in practice; this is
+(randn_like, normal, rand_like)             the usual one-per-element convention.
+reductions and average pooling (sum, mean,  1 per input element.
+avg_pool, adaptive_avg_pool)
+scaled_dot_product_attention and            the products as multiply-adds (scaled by the
+nn.MultiheadAttention's fused fast path     convention), the softmax 1 per score.
+index_add (the scatter of the noise onto    1 per scattered element (k additions). The
+the selected entries of mu)                 out-of-place copy of mu it starts from is
+                                            memory traffic, not arithmetic: 0 FLOPs.
+comparisons and selection (relu, max_pool,  0, following fvcore, which already ignores
+hardtanh, clamp, max), shape and memory ops relu, clamp, max, cat, view, reshape, index,
+(view, reshape, cat, index, to, ...)        to, copy and friends.
+==========================================  ===============================================
+
+So the Bayesian overhead of a converted layer is what it computes: per forward, for its k
+selected entries, k softplus + k normal draws + k multiplies + k additions (index_add in
+the sparse case, a dense add when every entry is Bayesian) = 4k FLOPs, paid once per
+forward pass whatever the batch size. The sampling is attributed to the layer that owns
+the weights (also inside modules such as ``nn.MultiheadAttention`` that sample on behalf
+of their children) and reported separately as ``FlopReport.bayes_overhead``.
+
+Counting runs on a deep copy of the model (moved to ``device`` if given), so the user's
+model keeps its device, mode, buffers and parameters; the copy costs one model's memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .convert import convert, num_bayesian, to_deterministic
+from .elbo import _check_positive_int, kl_loss
+from .layers import BayesianLayer, bayesian_layers
+
+with warnings.catch_warnings():  # fvcore.nn scripts a loss at import: a FutureWarning
+    warnings.simplefilter("ignore")
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
+
+__all__ = [
+    "ComparisonTable",
+    "FlopReport",
+    "MethodCost",
+    "TrainingCost",
+    "compare_methods",
+    "count_flops",
+    "flops_report_text",
+    "parse_input_shape",
+    "training_cost",
+]
+
+logger = logging.getLogger(__name__)
+
+CONVENTIONS: dict[str, int] = {"fma": 1, "flop": 2}
+"""FLOPs per multiply-add: "fma" (fvcore, one fused multiply-add = 1), "flop" (x2)."""
+
+MAC_OPS = frozenset({"conv", "linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum"})
+"""fvcore's names of the multiply-add ops, the ones the convention scales."""
+
+BACKWARD_FACTOR = 2.0
+"""Backward cost in forwards: gradients w.r.t. activations and w.r.t. weights each cost
+about one forward (each conv/linear needs two products of the forward's size)."""
+
+_ELEMENTWISE_OPS = (
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs",
+    "square", "pow", "sqrt", "rsqrt", "reciprocal", "exp", "log", "log1p", "expm1",
+    "softplus", "sigmoid", "sigmoid_", "tanh", "tanh_", "gelu", "silu", "silu_", "elu",
+    "elu_", "leaky_relu", "leaky_relu_", "hardswish", "hardswish_", "hardsigmoid", "mish",
+    "softmax", "log_softmax", "randn_like", "rand_like", "normal", "normal_", "randn", "rand",
+)  # fmt: skip
+_REDUCTION_OPS = (
+    "sum", "mean", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool3d",
+)  # fmt: skip
+_ZERO_OPS = (
+    "relu", "relu_", "hardtanh", "hardtanh_", "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "view_as", "reshape_as", "expand_as", "clone", "where",
+    "unflatten",
+)  # fmt: skip
+
+SAMPLING_SCOPE = "flops_sampling_scope"
+"""Name under which a Bayesian layer's sampling is traced (a temporary child module)."""
+
+
+# ---------------------------------------------------------------------------- op handles
+def _numel(value) -> int:
+    """Number of elements of a traced tensor value (0 if its shape is unknown)."""
+    shape = get_shape(value)
+    return 0 if shape is None else math.prod(shape)
+
+
+def _per_output(inputs: list, outputs: list) -> int:
+    return _numel(outputs[0])
+
+
+def _per_input(inputs: list, outputs: list) -> int:
+    return _numel(inputs[0])
+
+
+def _index_add(inputs: list, outputs: list) -> int:
+    """aten::index_add(self, dim, index, source, alpha): one add per source element; the
+    copy of ``self`` (mu) into the output is memory traffic, counted 0."""
+    return _numel(inputs[3])
+
+
+def _baddbmm(inputs: list, outputs: list) -> int:
+    """aten::baddbmm(self, b1 (n, c, t), b2 (n, t, d)): n*c*t*d multiply-adds."""
+    n, c, t = get_shape(inputs[1])
+    return n * c * t * get_shape(inputs[2])[-1]
+
+
+def _attention(inputs: list, outputs: list) -> Counter:
+    """aten::scaled_dot_product_attention(q (..., L, E), k (..., S, E), v (..., S, Ev)):
+    q k^T and the weighting of v are multiply-adds, the softmax 1 per score."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    scores = math.prod(q[:-1]) * k[-2]
+    return Counter({"matmul": scores * (q[-1] + v[-1]), "softmax": scores})
+
+
+def _native_mha(inputs: list, outputs: list) -> Counter:
+    """aten::_native_multi_head_attention (nn.MultiheadAttention's inference fast path,
+    batch first): q/k/v and output projections plus the attention itself."""
+    (n, length, embed), source = get_shape(inputs[0]), get_shape(inputs[1])[1]
+    heads = inputs[4].toIValue()
+    projections = n * (length + 2 * source) * embed * embed + n * length * embed * embed
+    scores = n * heads * length * source
+    return Counter({"linear": projections, "matmul": 2 * scores * (embed // heads),
+                    "softmax": scores})  # fmt: skip
+
+
+def _op_handles() -> dict[str, Callable | None]:
+    """The handles added to fvcore's defaults (None: explicitly 0 FLOPs)."""
+    handles: dict[str, Callable | None] = {f"aten::{op}": _per_output for op in _ELEMENTWISE_OPS}
+    handles.update({f"aten::{op}": _per_input for op in _REDUCTION_OPS})
+    handles.update({f"aten::{op}": None for op in _ZERO_OPS})
+    handles.update({
+        "aten::index_add": _index_add,
+        "aten::baddbmm": _baddbmm,
+        "aten::scaled_dot_product_attention": _attention,
+        "aten::_native_multi_head_attention": _native_mha,
+    })  # fmt: skip
+    return handles
+
+
+def _analysis(module: nn.Module, inputs: tuple) -> FlopCountAnalysis:
+    """A quiet FlopCountAnalysis with our handles: unsupported ops are returned, not logged."""
+    fca = FlopCountAnalysis(module, inputs).set_op_handle(**_op_handles())
+    fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return fca.tracer_warnings("none")
+
+
+# ---------------------------------------------------------------------------- the report
+@dataclass(frozen=True)
+class FlopReport:
+    """FLOPs of ``samples`` forward passes of a model on one input batch.
+
+    Every count is for the whole batch and already multiplied by ``samples``; multiply-adds
+    follow ``convention`` ("fma": fvcore's one fused multiply-add = 1 FLOP; "flop": x2).
+
+    Attributes:
+        total: FLOPs of ``samples`` forwards, Bayesian overhead included.
+        by_module: {module name: FLOPs}, "" is the whole model; a module includes its
+            descendants and, for a Bayesian layer, its sampling.
+        by_operator: {op name: FLOPs} over the whole model.
+        bayes_overhead: FLOPs of drawing the weights (softplus, noise, multiply, add) in
+            the Bayesian layers; 0 for a deterministic model.
+        bayes_by_module: {Bayesian layer name: its sampling FLOPs}.
+        bayes_by_operator: {op name: sampling FLOPs}.
+        unsupported_ops: {op: occurrences in one forward} that no handle counted (0 FLOPs
+            assumed); empty for converted Linear/Conv networks.
+        bayesian_entries: k, the number of Bayesian weight entries.
+        samples, convention, train: how the count was made (``train``: training-mode
+            forward, e.g. BatchNorm with batch statistics).
+        input_shapes: the shapes of the traced inputs; device: where they were traced.
+    """
+
+    total: int
+    by_module: dict[str, int]
+    by_operator: dict[str, int]
+    bayes_overhead: int
+    bayes_by_module: dict[str, int]
+    bayes_by_operator: dict[str, int]
+    unsupported_ops: dict[str, int]
+    bayesian_entries: int
+    samples: int
+    convention: str
+    train: bool
+    input_shapes: tuple[tuple[int, ...], ...]
+    device: str
+    model_name: str = ""
+
+    @property
+    def per_forward(self) -> int:
+        """FLOPs of one forward pass (``total / samples``)."""
+        return self.total // self.samples
+
+    @property
+    def deterministic_part(self) -> int:
+        """FLOPs of the ``samples`` forwards without the Bayesian sampling."""
+        return self.total - self.bayes_overhead
+
+    def table(self, max_depth: int | None = None) -> str:
+        """The per-module table (modules down to ``max_depth`` dots; 0-FLOP rows omitted)."""
+        rows = [
+            (name or "(total)", flops, self.bayes_by_module.get(name, 0))
+            for name, flops in self.by_module.items()
+            if (flops or not name) and (max_depth is None or name.count(".") < max_depth)
+        ]
+        width = max(len(r[0]) for r in rows)
+        sampling = self.bayes_overhead > 0  # the column only for Bayesian models
+        lines = [
+            f"{'module':<{width}}  {'FLOPs':>12}" + ("  Bayesian sampling" if sampling else "")
+        ]
+        for name, flops, overhead in rows:
+            extra = f"  {_human(overhead):>17}" if overhead else ""
+            lines.append(f"{name:<{width}}  {_human(flops):>12}{extra}")
+        return "\n".join(lines)
+
+    def header(self) -> str:
+        """Two lines: what was counted, and the convention."""
+        shapes = ", ".join(str(s) for s in self.input_shapes)
+        mode = "training" if self.train else "eval"
+        return (
+            f"FLOPs of {self.model_name or 'the model'}: input {shapes} on {self.device}, "
+            f"{mode} mode, x {self.samples} forward pass(es)\n{_convention_line(self.convention)}"
+        )
+
+    def summary(self) -> str:
+        """The total, the Bayesian overhead and the unsupported operators, one line each."""
+        share = 100.0 * self.bayes_overhead / self.total if self.total else 0.0
+        unsupported = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
+        return "\n".join([
+            f"total: {self.total:,} FLOPs ({_human(self.total)})",
+            f"Bayesian overhead: {self.bayes_overhead:,} FLOPs ({share:.2f} % of the total) "
+            f"for k = {self.bayesian_entries:,} Bayesian entries",
+            f"unsupported operators (counted as 0): {unsupported or 'none'}",
+        ])  # fmt: skip
+
+    def __str__(self) -> str:
+        return f"{self.header()}\n\n{self.table()}\n\n{self.summary()}"
+
+
+def _human(n: float) -> str:
+    """1234567 -> '1.23 M'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def _convention_line(convention: str) -> str:
+    if convention == "fma":
+        return "convention 'fma': one fused multiply-add = 1 FLOP (fvcore); 'flop' gives x2"
+    return "convention 'flop': one multiply-add = 2 FLOPs (textbook, FlopCounterMode)"
+
+
+# ---------------------------------------------------------------------------- counting
+def count_flops(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    *,
+    samples: int = 1,
+    device: str | torch.device | None = None,
+    convention: str = "fma",
+    train: bool = False,
+) -> FlopReport:
+    """FLOPs of ``samples`` forward passes of ``model`` on ``inputs``, counted by fvcore.
+
+    Args:
+        model: any nn.Module, deterministic, converted by bnnconvert, or bayesian-torch.
+            It is not modified: the count runs on a deep copy (one model's memory).
+        inputs: a batch (N, ...) or a tuple of positional inputs; counts are for the
+            whole batch. The Bayesian sampling is paid once per forward, whatever N.
+        samples: S, the number of stochastic forwards (Monte Carlo samples); every count
+            is multiplied by S.
+        device: where to count ("cpu", "cuda", ...); default: where the model is.
+        convention: "fma" (fvcore: one fused multiply-add = 1 FLOP) or "flop" (x2 for
+            multiply-adds, the textbook count); elementwise ops count 1 either way.
+        train: count a training-mode forward (BatchNorm on batch statistics) instead
+            of an eval-mode one.
+
+    Returns a :class:`FlopReport`; ``str(report)`` is a per-module table. Raises
+    ValueError if the model rejects the inputs.
+    """
+    _check_positive_int(samples=samples)
+    factor = _convention_factor(convention)
+    work, inputs = _working_copy(model, inputs, device, train)
+    markers = {_marker_name(name): name for name in _instrument_sampling(work)}
+    fca = _analysis(work, inputs)
+    raw = _traced(fca, work, inputs).by_module_and_operator()
+    sampling = _sampling_counts(raw, work, markers)
+
+    def weigh(counts: Mapping[str, float]) -> int:
+        return _weigh(counts, factor) * samples
+
+    report = FlopReport(
+        total=weigh(raw[""]),
+        by_module={n: weigh(c) for n, c in raw.items() if n not in markers},
+        by_operator={op: weigh({op: v}) for op, v in raw[""].items()},
+        bayes_overhead=sum(weigh(c) for c in sampling.values()),
+        bayes_by_module={layer: weigh(c) for layer, c in sampling.items()},
+        bayes_by_operator={
+            op: weigh({op: v}) for op, v in sum(sampling.values(), Counter()).items()
+        },
+        unsupported_ops=dict(fca.unsupported_ops()),
+        bayesian_entries=_bayesian_entries(work),
+        samples=samples,
+        convention=convention,
+        train=train,
+        input_shapes=tuple(tuple(x.shape) for x in inputs if isinstance(x, Tensor)),
+        device=str(_model_device(work)),
+        model_name=type(model).__name__,
+    )
+    _log_unsupported(report.unsupported_ops)
+    return report
+
+
+def _convention_factor(convention: str) -> int:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+    return CONVENTIONS[convention]
+
+
+def _weigh(counts: Mapping[str, float], factor: int) -> int:
+    """Sum of per-op counts, multiply-add ops scaled by the convention factor."""
+    return round(sum(v * (factor if op in MAC_OPS else 1) for op, v in counts.items()))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _working_copy(
+    model: nn.Module, inputs: Tensor | Sequence[Tensor], device, train: bool
+) -> tuple[nn.Module, tuple]:
+    """A deep copy of ``model`` on ``device`` in the requested mode, and the inputs there."""
+    work = copy.deepcopy(model)
+    if device is not None:
+        work.to(device)
+    work.train(train)
+    target = _model_device(work)
+    inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    moved = tuple(x.to(target) if isinstance(x, Tensor) else x for x in inputs)
+    return work, moved
+
+
+class _SamplingScope(nn.Module):
+    """Stands in for a Bayesian layer's ``sample_parameter`` in the counting copy: called
+    through nn.Module.__call__, it makes fvcore attribute the sampling ops to the module
+    '<layer>.flops_sampling_scope', whoever triggers the sampling (the layer or an owner)."""
+
+    def __init__(self, sample: Callable[[str], Tensor]):
+        super().__init__()
+        self.sample = sample
+
+    def forward(self, name: str) -> Tensor:
+        return self.sample(name)
+
+
+def _instrument_sampling(work: nn.Module) -> list[str]:
+    """Route every Bayesian layer's sampling of ``work`` (a throwaway copy) through a
+    :class:`_SamplingScope` child; return the names of the Bayesian layers."""
+    names = []
+    for name, layer in list(bayesian_layers(work)):
+        scope = _SamplingScope(layer.sample_parameter)
+        layer.add_module(SAMPLING_SCOPE, scope)
+        layer.__dict__["sample_parameter"] = scope  # the instance attribute wins
+        names.append(name)
+    return names
+
+
+def _marker_name(layer_name: str) -> str:
+    return f"{layer_name}.{SAMPLING_SCOPE}" if layer_name else SAMPLING_SCOPE
+
+
+def _is_foreign_variational(module: nn.Module) -> bool:
+    """A variational layer of another library (bayesian-torch): it has a kl_loss method and
+    rho* parameters of its own, and samples its weights inside its own forward."""
+    if isinstance(module, BayesianLayer) or not callable(getattr(module, "kl_loss", None)):
+        return False
+    return any(n.startswith("rho") for n, _ in module.named_parameters(recurse=False))
+
+
+def _sampling_counts(
+    raw: Mapping[str, Counter], work: nn.Module, markers: Mapping[str, str]
+) -> dict[str, Counter]:
+    """{Bayesian layer: per-op FLOPs of drawing its weights}: everything traced in the
+    sampling scope of a bnnconvert layer; everything but the multiply-adds in the scope
+    of a bayesian-torch layer (exp, log1p, normal, mul, add)."""
+    out = {layer: raw[marker] for marker, layer in markers.items()}
+    for name, module in work.named_modules():
+        if _is_foreign_variational(module):
+            out[name] = Counter({op: v for op, v in raw[name].items() if op not in MAC_OPS})
+    return out
+
+
+def _bayesian_entries(model: nn.Module) -> int:
+    """k: bnnconvert's Bayesian entries plus the rho entries of bayesian-torch layers."""
+    foreign = sum(
+        p.numel()
+        for m in model.modules()
+        if _is_foreign_variational(m)
+        for n, p in m.named_parameters(recurse=False)
+        if n.startswith("rho")
+    )
+    return num_bayesian(model) + foreign
+
+
+def _traced(fca: FlopCountAnalysis, model: nn.Module, inputs: tuple) -> FlopCountAnalysis:
+    """Run the trace; if it fails because the model rejects the inputs, say so plainly."""
+    try:
+        with torch.no_grad():
+            fca.total()
+    except Exception as exc:
+        _raise_if_rejected(model, inputs)
+        raise RuntimeError(f"fvcore could not trace {type(model).__name__}: {exc}") from exc
+    return fca
+
+
+def _raise_if_rejected(model: nn.Module, inputs: tuple) -> None:
+    """Raise a short ValueError if a plain forward of ``model`` on ``inputs`` fails."""
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # the user's model may raise anything
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(
+            f"the model rejected an input of shape {shapes}: {first_line}; "
+            "pass inputs (--input-shape) matching the model"
+        ) from None
+
+
+def _log_unsupported(ops: Mapping[str, int]) -> None:
+    if ops:
+        listed = ", ".join(f"{op} x{n}" for op, n in ops.items())
+        logger.warning("operators without a FLOP count (counted as 0): %s", listed)
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class TrainingCost:
+    """FLOPs of training: per step = (1 + backward_factor) x (S forwards + one KL), per run
+    = steps x per step + the saliency pass.
+
+    Attributes:
+        forward: a training-mode forward (one sample) of the model, see :class:`FlopReport`.
+        kl: FLOPs of one KL evaluation (0 for a deterministic model).
+        samples: S, the Monte Carlo samples per step; steps: the optimiser steps of the run.
+        backward_factor: the backward pass in forwards (default 2: the gradients w.r.t.
+            the activations and w.r.t. the weights each cost about one forward).
+        saliency_batches: the batches of the saliency pass (forward + backward of the
+            deterministic network each); 0 when not counted.
+    """
+
+    forward: FlopReport
+    kl: int
+    samples: int
+    steps: int
+    backward_factor: float
+    saliency_batches: int
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def step_forward(self) -> int:
+        """FLOPs of the forward part of one step: S forwards + the KL."""
+        return self.samples * self.forward.total + self.kl
+
+    @property
+    def per_step(self) -> int:
+        """FLOPs of one training step, forward and backward."""
+        return round((1 + self.backward_factor) * self.step_forward)
+
+    @property
+    def saliency(self) -> int:
+        """FLOPs of the saliency pass: forward + backward of the deterministic network."""
+        per_batch = (1 + self.backward_factor) * self.forward.deterministic_part
+        return round(self.saliency_batches * per_batch)
+
+    @property
+    def per_run(self) -> int:
+        """FLOPs of ``steps`` steps plus the saliency pass."""
+        return self.steps * self.per_step + self.saliency
+
+    def __str__(self) -> str:
+        return "\n".join([
+            self.forward.header(),
+            f"one forward: {_human(self.forward.total)} (Bayesian sampling "
+            f"{_human(self.forward.bayes_overhead)}), KL: {_human(self.kl)}",
+            f"per step: (1 + {self.backward_factor:g} backward) x ({self.samples} samples x "
+            f"forward + KL) = {self.per_step:,} FLOPs ({_human(self.per_step)})",
+            f"saliency pass: {self.saliency_batches} batches x forward+backward = "
+            f"{_human(self.saliency)}",
+            f"per run: {self.steps} steps + saliency = {self.per_run:,} FLOPs "
+            f"({_human(self.per_run)})",
+        ])  # fmt: skip
+
+
+def training_cost(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    *,
+    samples: int = 1,
+    steps: int = 1,
+    backward_factor: float = BACKWARD_FACTOR,
+    saliency_batches: int = 0,
+    device: str | torch.device | None = None,
+    convention: str = "fma",
+) -> TrainingCost:
+    """FLOPs of training ``model``: per step (1 + backward_factor) x (S forwards + KL).
+
+    Args:
+        model: deterministic, converted (KL of :func:`bnnconvert.kl_loss`) or bayesian-torch
+            (KL of its ``get_kl_loss``); not modified.
+        inputs: one training batch (N, ...): the sampling overhead is paid per forward,
+            so use the batch size of the training loop.
+        samples: S, Monte Carlo samples per step (the paper uses 5; 1 for deterministic).
+        steps: optimiser steps of the run (epochs x batches per epoch).
+        backward_factor: cost of the backward pass in forwards. Default 2.0: the gradient
+            w.r.t. the activations and the gradient w.r.t. the weights each cost about one
+            forward (two products of the forward's size per conv/linear).
+        saliency_batches: batches of the saliency pass to add (forward + backward each, on
+            the deterministic network, i.e. the forward without the sampling).
+        device, convention: as in :func:`count_flops`.
+
+    The forward is counted in training mode (BatchNorm on batch statistics).
+    """
+    _check_positive_int(samples=samples, steps=steps)
+    if backward_factor < 0 or saliency_batches < 0:
+        raise ValueError("backward_factor and saliency_batches must be >= 0")
+    forward = count_flops(model, inputs, device=device, convention=convention, train=True)
+    kl, kl_unsupported = _kl_flops(model, device)
+    return TrainingCost(
+        forward, kl, samples, steps, backward_factor, saliency_batches,
+        unsupported_ops=dict(Counter(forward.unsupported_ops) + Counter(kl_unsupported)),
+    )  # fmt: skip
+
+
+class _KLStep(nn.Module):
+    """Calls ``kl_fn(model)``: lets fvcore trace the KL term of a training step."""
+
+    def __init__(self, model: nn.Module, kl_fn: Callable[[nn.Module], Tensor]):
+        super().__init__()
+        self.model = model
+        self.kl_fn = kl_fn
+
+    def forward(self) -> Tensor:
+        return self.kl_fn(self.model)
+
+
+def _kl_function(model: nn.Module) -> Callable[[nn.Module], Tensor] | None:
+    """bnnconvert's kl_loss for converted models, bayesian-torch's get_kl_loss for models
+    with other ``kl_loss`` layers, None for deterministic models."""
+    if any(isinstance(m, BayesianLayer) for m in model.modules()):
+        return kl_loss
+    if any(_is_foreign_variational(m) for m in model.modules()):
+        from bayesian_torch.models.dnn_to_bnn import get_kl_loss
+
+        return get_kl_loss
+    return None
+
+
+def _kl_flops(model: nn.Module, device) -> tuple[int, dict[str, int]]:
+    """FLOPs and unsupported ops of one KL evaluation (elementwise ops only: no convention)."""
+    kl_fn = _kl_function(model)
+    if kl_fn is None:
+        return 0, {}
+    work, _ = _working_copy(model, (), device, train=True)  # fvcore leaves hooks on errors
+    fca = _analysis(_KLStep(work, kl_fn), ())
+    with torch.no_grad():
+        total = fca.total()
+    _log_unsupported(fca.unsupported_ops())
+    return round(total), dict(fca.unsupported_ops())
+
+
+# ---------------------------------------------------------------------------- comparison
+@dataclass(frozen=True)
+class MethodCost:
+    """The cost of one method, absolute FLOPs and parameters (see :class:`ComparisonTable`).
+
+    forward: one eval-mode forward (one sample); inference: a prediction (S samples, or M
+    members); train_step: one training step; train_run: the whole training run.
+    """
+
+    method: str
+    bayesian_entries: int
+    parameters: int
+    forward: int
+    inference: int
+    train_step: int
+    train_run: int
+
+
+@dataclass(frozen=True)
+class ComparisonTable:
+    """Cost of each method in multiples of the deterministic model, like Table 1 of the
+    preprint. ``str(table)`` renders markdown; ``multiples()`` gives the numbers.
+
+    The first row is the deterministic model (1x by definition).
+    """
+
+    rows: list[MethodCost]
+    samples: int
+    members: int
+    epochs: int
+    full_bayes_epochs: int
+    pretrain_epochs: int
+    steps_per_epoch: int
+    saliency_batches: int
+    backward_factor: float
+    convention: str
+    input_shapes: tuple[tuple[int, ...], ...]
+    device: str
+
+    def multiples(self) -> dict[str, dict[str, float]]:
+        """{method: {"inference" | "train_step" | "train_run" | "parameters": x det}}."""
+        det = self.rows[0]
+        keys = ("inference", "train_step", "train_run", "parameters")
+        return {r.method: {k: getattr(r, k) / getattr(det, k) for k in keys} for r in self.rows}
+
+    def __str__(self) -> str:
+        mult = self.multiples()
+        lines = [
+            "| method | Bayesian entries | parameters | forward FLOPs | inference | "
+            "training step | training run |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in self.rows:
+            m = mult[r.method]
+            lines.append(
+                f"| {r.method} | {r.bayesian_entries:,} | {r.parameters:,} | {_human(r.forward)} "
+                f"| {m['inference']:.2f}x | {m['train_step']:.2f}x | {m['train_run']:.2f}x |"
+            )
+        return "\n".join([*lines, "", self.notes()])
+
+    def notes(self) -> str:
+        """What each multiplier counts."""
+        shapes = ", ".join(str(s) for s in self.input_shapes)
+        s, m, b = self.samples, self.members, self.backward_factor
+        return "\n".join([
+            f"Counted by fvcore on {self.device}, input {shapes}; "
+            f"{_convention_line(self.convention)}.",
+            f"- inference: S = {s} forwards for the Bayesian models (eval mode), M = {m} "
+            "member forwards for the ensemble, over one deterministic forward.",
+            f"- training step: (1 + {b:g} backward) x (S = {s} training-mode forwards + one KL) "
+            f"for the Bayesian models, M = {m} deterministic steps for the ensemble, over "
+            "one deterministic step (1 forward + backward). A Bayesian model's forward costs "
+            "the deterministic forward plus 4 FLOPs per Bayesian entry (5 for bayesian-torch) "
+            f"and its KL about 11 per entry, so its step is about {s}x when k is small "
+            "against one forward.",
+            f"- training run: {self.epochs} epochs x {self.steps_per_epoch} steps; partial "
+            f"models add the saliency pass ({self.saliency_batches} forward+backward "
+            f"batches) and {self.pretrain_epochs} epochs of deterministic pretraining; the "
+            f"fully Bayesian models train {self.full_bayes_epochs} epochs (ours at r = 1 "
+            f"also counts the pretraining, bayesian-torch trains from scratch); the ensemble "
+            f"trains M = {m} deterministic models.",
+            "- The preprint's multiples (partial 1 % 3.36x, 20 % 3.8x, Bayesian ~15x) do not "
+            "state what they count; these numbers count only what is listed here.",
+        ])  # fmt: skip
+
+
+def compare_methods(
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    *,
+    r_values: Sequence[float] = (0.01, 0.05, 0.2),
+    members: int = 5,
+    samples: int = 5,
+    epochs: int = 50,
+    steps_per_epoch: int = 1,
+    saliency_batches: int | None = None,
+    pretrain_epochs: int = 0,
+    full_bayes_epochs: int | None = None,
+    backward_factor: float = BACKWARD_FACTOR,
+    bayesian_torch: bool = True,
+    device: str | torch.device | None = None,
+    convention: str = "fma",
+) -> ComparisonTable:
+    """The cost of each method for ``model``, in multiples of the deterministic model.
+
+    Rows: deterministic; an M-member ensemble; partial Bayesian for each r in
+    ``r_values``; fully Bayesian with bnnconvert (r = 1.0); fully Bayesian with
+    bayesian-torch's ``dnn_to_bnn`` (every Conv/Linear, reparameterization layers). The
+    Bayesian models are converted with magnitude saliency: the cost depends on k only,
+    not on which entries are selected.
+
+    Args:
+        model: the deterministic model (a converted one is first made deterministic);
+            not modified.
+        inputs: one batch at the training batch size (N, ...).
+        r_values: the fractions of Bayesian entries of the partial models, in (0, 1].
+        members: M, the ensemble size. samples: S, Monte Carlo samples (train and test).
+        epochs: training epochs of every method (the paper: 50).
+        steps_per_epoch: optimiser steps (batches) per epoch.
+        saliency_batches: batches of the saliency pass (default: one epoch).
+        pretrain_epochs: deterministic epochs before the conversion, added to the
+            methods that start from the trained model (partial and ours at r = 1); 0 takes
+            the trained model as given, as the deterministic and ensemble rows do.
+        full_bayes_epochs: epochs of the fully Bayesian models (default: ``epochs``);
+            the preprint notes that they needed more.
+        backward_factor, device, convention: as in :func:`training_cost`.
+        bayesian_torch: include the bayesian-torch row.
+
+    Returns a :class:`ComparisonTable`.
+
+    What the multiples count (F: one deterministic forward on ``inputs``; k: Bayesian
+    entries; each multiple is over the deterministic model's same quantity):
+
+    - inference: the ensemble runs M forwards (M x). A Bayesian model runs S forwards of a
+      network costing F plus its sampling, 4 FLOPs per Bayesian entry for bnnconvert
+      (softplus, normal draw, multiply, add) and 5 for bayesian-torch (exp and log1p
+      instead of softplus): S x (1 + 4k / F). Every sample is counted as a full forward.
+    - training step: deterministic (1 + b) x F with b the backward factor; a Bayesian
+      model (1 + b) x (S x (F + sampling) + KL), the KL costing about 11 FLOPs per
+      Bayesian entry; the ensemble M deterministic steps. So a partial model costs about
+      S x = 5x a deterministic step at any small r: the sampling and the KL are O(k), the
+      network is paid in full for every sample. The preprint's Table 1 gives 3.36x (1 %),
+      3.45x (5 %), 3.8x (20 %) and ~15x (fully Bayesian, averaged over datasets needing
+      different epochs) without saying what was counted; these numbers are not
+      reproduced here, and this count includes exactly what is listed.
+    - training run: steps x step, plus for the partial models the saliency pass
+      (``saliency_batches`` x (1 + b) x F) and ``pretrain_epochs`` deterministic epochs
+      (ours at r = 1 also counts the pretraining but needs no saliency pass; the
+      bayesian-torch model trains from scratch, for ``full_bayes_epochs``).
+    - Forwards are counted in eval mode for inference and in training mode for training
+      (BatchNorm: 2 vs 5 FLOPs per element).
+    """
+    _check_positive_int(
+        members=members, samples=samples, epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
+    if full_bayes_epochs is not None:
+        _check_positive_int(full_bayes_epochs=full_bayes_epochs)
+    if pretrain_epochs < 0:
+        raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
+    for r in r_values:
+        if not 0 < r <= 1:
+            raise ValueError(f"every r in r_values must be in (0, 1], got {r}")
+    base = to_deterministic(model) if num_bayesian(model) else model
+    device = torch.device(device) if device is not None else _model_device(base)
+    plan = _Plan(
+        inputs, samples, epochs * steps_per_epoch, backward_factor, device, convention,
+        saliency_batches=steps_per_epoch if saliency_batches is None else saliency_batches,
+        full_steps=(full_bayes_epochs or epochs) * steps_per_epoch,
+    )  # fmt: skip
+    det = plan.deterministic(base)
+    pretrain = pretrain_epochs * steps_per_epoch * det.train_step
+    rows = [det, _ensemble(det, members)]
+    rows += [
+        plan.bayesian(f"partial r = {100 * r:g} %", base, r, pretrain) for r in r_values if r < 1
+    ]
+    rows.append(plan.bayesian("Bayesian (bnnconvert, r = 100 %)", base, 1.0, pretrain))
+    if bayesian_torch:
+        rows.append(plan.bayesian_torch(base))
+    shapes = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+    return ComparisonTable(
+        rows, samples, members, epochs, full_bayes_epochs or epochs, pretrain_epochs,
+        steps_per_epoch, plan.saliency_batches, backward_factor, convention,
+        tuple(tuple(x.shape) for x in shapes if isinstance(x, Tensor)), str(device),
+    )  # fmt: skip
+
+
+def _ensemble(det: MethodCost, members: int) -> MethodCost:
+    return MethodCost(
+        f"ensemble (M = {members})", 0, members * det.parameters, det.forward,
+        members * det.inference, members * det.train_step, members * det.train_run,
+    )  # fmt: skip
+
+
+@dataclass
+class _Plan:
+    """The shared settings of :func:`compare_methods`, and the cost of one method."""
+
+    inputs: Tensor | Sequence[Tensor]
+    samples: int
+    steps: int
+    backward_factor: float
+    device: torch.device
+    convention: str
+    saliency_batches: int
+    full_steps: int
+
+    def deterministic(self, model: nn.Module) -> MethodCost:
+        inference = self._forward(model, samples=1)
+        train = self._train(model, samples=1, steps=self.steps)
+        return MethodCost(
+            "deterministic", 0, _num_parameters(model), inference.total, inference.total,
+            train.per_step, train.per_run,
+        )  # fmt: skip
+
+    def bayesian(self, label: str, base: nn.Module, r: float, pretrain: int) -> MethodCost:
+        """bnnconvert at r; ``pretrain``: FLOPs of the deterministic training before it."""
+        model = convert(base, "magnitude", r)
+        full = r >= 1.0
+        steps = self.full_steps if full else self.steps
+        cost = self._method(label, model, steps, saliency=0 if full else self.saliency_batches)
+        return MethodCost(**{**cost.__dict__, "train_run": cost.train_run + pretrain})
+
+    def bayesian_torch(self, base: nn.Module) -> MethodCost:
+        from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
+
+        model = copy.deepcopy(base)  # dnn_to_bnn converts in place
+        dnn_to_bnn(model, BAYESIAN_TORCH_PRIOR)
+        return self._method("Bayesian (bayesian-torch dnn_to_bnn)", model, self.full_steps, 0)
+
+    def _method(self, label: str, model: nn.Module, steps: int, saliency: int) -> MethodCost:
+        inference = self._forward(model, samples=self.samples)
+        train = self._train(model, self.samples, steps, saliency)
+        return MethodCost(
+            label, inference.bayesian_entries, _num_parameters(model),
+            inference.per_forward, inference.total, train.per_step, train.per_run,
+        )  # fmt: skip
+
+    def _forward(self, model: nn.Module, samples: int) -> FlopReport:
+        return count_flops(
+            model, self.inputs, samples=samples, device=self.device, convention=self.convention
+        )
+
+    def _train(self, model: nn.Module, samples: int, steps: int, saliency: int = 0):
+        return training_cost(
+            model, self.inputs, samples=samples, steps=steps, saliency_batches=saliency,
+            backward_factor=self.backward_factor, device=self.device, convention=self.convention,
+        )  # fmt: skip
+
+
+BAYESIAN_TORCH_PRIOR = {
+    "prior_mu": 0.0,
+    "prior_sigma": 1.0,
+    "posterior_mu_init": 0.0,
+    "posterior_rho_init": -3.0,
+    "type": "Reparameterization",
+    "moped_enable": False,
+}
+"""dnn_to_bnn settings of the bayesian-torch row (the cost does not depend on them)."""
+
+
+def _num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- CLI helper
+def flops_report_text(
+    model: nn.Module,
+    input_shape: Sequence[int] | str,
+    device: str | torch.device | None = None,
+    compare: bool = False,
+    samples: int = 1,
+    convention: str = "fma",
+) -> str:
+    """The text of ``bnnconvert flops``: the per-module FLOP table of ``model`` on a random
+    input of ``input_shape`` ("1,3,224,224" or a sequence of ints), and with ``compare``
+    the method comparison table (markdown). Raises ValueError for a bad shape or an
+    input the model rejects."""
+    shape = parse_input_shape(input_shape)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    inputs = torch.randn(shape, dtype=dtype)
+    text = str(count_flops(model, inputs, samples=samples, device=device, convention=convention))
+    if compare:
+        table = compare_methods(model, inputs, device=device, convention=convention)
+        text += "\n\nCost of each method, in multiples of the deterministic model:\n\n"
+        text += str(table)
+    return text
+
+
+def parse_input_shape(shape: Sequence[int] | str) -> tuple[int, ...]:
+    """'1,3,224,224' (or 1x3x224x224, or a sequence) -> (1, 3, 224, 224), all >= 1."""
+    parts = shape.replace("x", ",").split(",") if isinstance(shape, str) else list(shape)
+    try:
+        dims = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"bad input shape {shape!r}: give positive integers such as 1,3,224,224")
+    return dims

@@ -1,0 +1,732 @@
+"""Loading what users have, and saving/loading converted models.
+
+User checkpoints (:func:`load_checkpoint`):
+
+- a state_dict, or a checkpoint dict holding one under ``"state_dict"`` (Lightning),
+  ``"model_state_dict"``, ``"model"`` or ``"net"``, together with an architecture spec
+  ``"package.module:factory"`` (e.g. ``"torchvision.models:resnet18"``) and its keyword
+  arguments. A common key prefix (Lightning's ``"model."``, DataParallel's ``"module."``,
+  torch.compile's ``"_orig_mod."``) is found by matching the architecture's own keys and
+  stripped. Read with ``torch.load(weights_only=True)``: no code is unpickled.
+- a whole module saved with ``torch.save(model)``. Reading it means unpickling, which can
+  run arbitrary code, so it is refused unless ``trust_pickle=True`` (CLI: ``--trust-pickle``).
+- a TorchScript file (``torch.jit.save``): its weights are loaded into the architecture
+  given by ``arch``. A ScriptModule itself cannot be converted (its layers are compiled
+  code, not ``nn.Linear``/``nn.Conv*`` objects), so without ``arch`` it is refused.
+
+Converted models (:func:`save` / :func:`load`) are one file readable with
+``torch.load(weights_only=True)``: plain dicts, lists, strings, numbers and tensors::
+
+    {"format": "bnnconvert.model", "version": 1, "bnnconvert_version": "0.1.0",
+     "torch_version": "...", "arch": "pkg.mod:factory" | None, "arch_kwargs": {...},
+     "info": {criterion, r_bayes, prior_mu, prior_sigma, rho_init, ...} | None,
+     "bayesian": {layer name: ["weight", "bias"]},   # the converted tensors per layer
+     "state_dict": {...}}   # mu under the original keys, <name>_rho, <name>_idx, bayes_prior
+
+:func:`load` rebuilds the architecture from ``arch``, re-applies the conversion from the
+stored ``<name>_idx`` buffers, and loads the state_dict strictly. A model remembers its
+architecture spec in the attribute ``bnnconvert_arch`` (set by :func:`load_checkpoint`,
+:func:`load` and :func:`build_model`; it survives ``convert`` and ``to_deterministic``).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import logging
+import os
+import re
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.serialization
+from torch import Tensor, nn
+
+from .convert import INFO_ATTR, bayes_summary, convert, num_bayesian, to_deterministic
+from .layers import BayesianLayer, attach_owners, bayesian_layers, make_bayesian
+from .saliency import DATA_CRITERIA, Saliency, atomic_torch_save, check_r_bayes, compute_saliency
+
+__all__ = [
+    "ARCH_ATTR",
+    "atomic_write_text",
+    "build_model",
+    "check_output_path",
+    "convert_checkpoint",
+    "describe",
+    "load",
+    "load_checkpoint",
+    "open_data",
+    "parse_arch_kwargs",
+    "resolve_arch",
+    "save",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bnnconvert.model"
+FORMAT_VERSION = 1
+ARCH_ATTR = "bnnconvert_arch"
+"""Attribute of a model's root: ``{"arch": "pkg.mod:factory", "kwargs": {...}}``."""
+
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")
+_PICKLE_WHY = "unpickling can run arbitrary code, so do this only for files from a source you trust"
+_FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+# ----------------------------------------------------------------------- architectures
+def resolve_arch(spec: str, what: str = "architecture") -> Callable[..., Any]:
+    """The callable named by ``"package.module:factory"`` (``factory`` may be dotted).
+
+    Raises ValueError when the spec is malformed, its module does not import or it has no
+    such attribute; ``what`` names the spec in the message.
+    """
+    if not isinstance(spec, str) or not _FACTORY_SPEC.match(spec):
+        raise ValueError(
+            f"bad {what} spec {spec!r}; use 'package.module:factory', "
+            "e.g. torchvision.models:resnet18 or bnnconvert.models:UNet"
+        )
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(
+            f"cannot import module {module_name!r} of {what} {spec!r} ({exc}); check the "
+            "spelling and that the package is installed (or on PYTHONPATH)"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(
+                f"module {module_name!r} has no {attr!r} ({what} {spec!r}); check the "
+                "name after the colon"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{what} {spec!r} is not callable; name a factory or a class")
+    return obj
+
+
+def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+    """``factory(**arch_kwargs)`` for ``arch = "package.module:factory"``; the model
+    remembers its spec (attribute ``bnnconvert_arch``)."""
+    kwargs = _plain(dict(arch_kwargs or {}), "arch_kwargs")
+    factory = resolve_arch(arch)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(
+            f"{arch}({_kwargs_text(kwargs)}) failed: {exc}; check --arch-kwargs / arch_kwargs"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
+    _remember_arch(model, arch, kwargs)
+    return model
+
+
+def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
+    """``"num_classes=14,in_channels=1"`` -> ``{"num_classes": 14, "in_channels": 1}``.
+
+    Values are Python literals read with :func:`ast.literal_eval` (numbers, strings, True,
+    None, tuples such as ``size=(28, 28)``, lists, dicts); a bare word is taken as a string
+    (``norm=batch``). A dict literal ``{"num_classes": 14}`` is accepted too. Nothing is
+    executed.
+    """
+    text = (text or "").strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"bad --arch-kwargs {text!r}: expected a dict of name: literal")
+        return value
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        call = None
+    if (
+        not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name))
+        or call.args
+        or any(kw.arg is None for kw in call.keywords)
+    ):
+        raise ValueError(
+            f"bad --arch-kwargs {text!r}; use comma-separated name=value pairs with Python "
+            "literal values, e.g. num_classes=14,in_channels=1"
+        )
+    return {kw.arg: _literal(kw.value, kw.arg, text) for kw in call.keywords}
+
+
+def _literal(node: ast.expr, name: str, text: str) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        if isinstance(node, ast.Name):
+            return node.id
+        raise ValueError(
+            f"bad --arch-kwargs {text!r}: the value of {name!r} is not a literal (a number, a "
+            "string, True/False/None, a tuple or list of those)"
+        ) from None
+
+
+def _kwargs_text(kwargs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as exact builtin types (dict/list/tuple/str/int/float/bool/None), which
+    ``torch.load(weights_only=True)`` reads; subclasses (numpy scalars, TorchVersion) are
+    converted. Raises TypeError naming ``where`` for anything else."""
+    if value is None or isinstance(value, bool):
+        return value
+    for kind in (int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} has a non-string key {k!r}; use string keys")
+            out[str(k)] = _plain(v, f"{where}[{k!r}]")
+        return out
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy/torch scalar
+        return _plain(value.item(), where)
+    raise TypeError(
+        f"{where} holds a {type(value).__name__}; only numbers, strings, booleans, None and "
+        "lists/tuples/dicts of those can be stored"
+    )
+
+
+def _remember_arch(model: nn.Module, arch: str | None, kwargs: Mapping[str, Any] | None) -> None:
+    if arch is not None:
+        setattr(model, ARCH_ATTR, {"arch": arch, "kwargs": dict(kwargs or {})})
+
+
+def _arch_of(model: nn.Module) -> tuple[str | None, dict[str, Any]]:
+    stored = getattr(model, ARCH_ATTR, None) or {}
+    return stored.get("arch"), dict(stored.get("kwargs") or {})
+
+
+# ----------------------------------------------------------------------- reading files
+def _read(path: Path, trust_pickle: bool) -> Any:
+    """torch.load safely; TorchScript files come back as ScriptModules."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; pass a checkpoint file written by torch.save")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty, not a checkpoint; was it written completely?")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return _read_torchscript(path)
+        if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+            raise ValueError(f"{path} is a zip archive but not a PyTorch checkpoint")
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if unsafe and not trust_pickle:
+            raise _pickle_refused(path, unsafe)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # torch raises many types on foreign bytes
+        if "Unsupported global" in str(exc) and not trust_pickle:
+            raise _pickle_refused(path, []) from None
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint (torch.load failed with "
+            f"{type(exc).__name__}); pass a file written by torch.save or torch.jit.save"
+        ) from None
+
+
+def _pickle_refused(path: Path, unsafe: list[str]) -> ValueError:
+    what = f" (it holds {', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''})"
+    return ValueError(
+        f"{path} is a pickled Python object, not plain weights{what if unsafe else ''}; "
+        f"loading it needs --trust-pickle (trust_pickle=True): {_PICKLE_WHY}. Safer: save "
+        "model.state_dict() and pass --arch"
+    )
+
+
+def _read_torchscript(path: Path) -> torch.jit.ScriptModule:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            raise ValueError(
+                f"{path} looks like TorchScript but torch.jit.load failed: {_first_line(exc)}"
+            ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _find_state_dict(obj: Mapping, path: Path) -> dict[str, Tensor] | None:
+    """The state_dict in a checkpoint dict, or None if ``obj`` holds none."""
+    if obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return dict(obj)
+    for key in _STATE_KEYS:
+        inner = obj.get(key)
+        if (
+            isinstance(inner, Mapping)
+            and inner
+            and all(isinstance(v, Tensor) for v in inner.values())
+        ):
+            log.info("%s: using the state_dict under %r", path, key)
+            return dict(inner)
+    return None
+
+
+# ----------------------------------------------------------------------- state_dict fitting
+def strip_prefix(state: Mapping[str, Tensor], expected: Iterable[str]) -> dict[str, Tensor]:
+    """The entries of ``state`` under the key prefix that best matches ``expected`` keys,
+    with that prefix removed (e.g. Lightning's ``"model."``); ``state`` itself if no
+    prefix matches better than none."""
+    expected = set(expected)
+    counts: Counter[str] = Counter()
+    for key in state:
+        for i, char in enumerate(key):
+            if char == "." and key[i + 1 :] in expected:
+                counts[key[: i + 1]] += 1
+        if key in expected:
+            counts[""] += 1
+    if not counts:
+        return dict(state)
+    best = max(counts.values())
+    prefix = min((p for p, c in counts.items() if c == best), key=len)
+    if prefix:
+        log.info("stripping the key prefix %r (%d of %d keys match)", prefix, best, len(state))
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a one-line error naming the first
+    missing, unexpected or mis-shaped key and the fix."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    problems = []
+    if shapes:
+        k = shapes[0]
+        problems.append(
+            f"{len(shapes)} tensors differ in shape (e.g. {k!r}: {tuple(state[k].shape)} in the "
+            f"file, {tuple(own[k].shape)} in the model)"
+        )
+    if missing:
+        problems.append(f"{len(missing)} model tensors are missing (e.g. {missing[0]!r})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} file tensors are unknown (e.g. {unexpected[0]!r})")
+    if problems:
+        raise ValueError(
+            f"{source} does not fit the architecture: {'; '.join(problems)}; check --arch and "
+            "--arch-kwargs (e.g. num_classes, in_channels)"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def _arch_label(arch: str, kwargs: Mapping[str, Any]) -> str:
+    return f"{arch}({_kwargs_text(kwargs)})"
+
+
+def _model_from_state(
+    state: Mapping[str, Tensor], path: Path, arch: str | None, kwargs: Mapping[str, Any] | None
+) -> nn.Module:
+    if arch is None:
+        raise ValueError(
+            f"{path} holds a state_dict ({len(state)} tensors) but no architecture; pass "
+            "--arch package.module:factory (arch=...), e.g. --arch torchvision.models:resnet18 "
+            "--arch-kwargs num_classes=14"
+        )
+    model = build_model(arch, kwargs)
+    state = strip_prefix(state, model.state_dict().keys())
+    load_state_strict(model, state, f"{path} for {_arch_label(arch, kwargs or {})}")
+    return model
+
+
+# ----------------------------------------------------------------------- public loading
+def load_checkpoint(
+    path: str | os.PathLike,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    *,
+    trust_pickle: bool = False,
+) -> nn.Module:
+    """Load a model from whatever a user has on disk (see the module docstring).
+
+    Args:
+        path: a state_dict / checkpoint dict file, a torch.save'd module, a TorchScript file
+            or a file written by :func:`save`.
+        arch: ``"package.module:factory"`` building the architecture; needed for state_dicts
+            and TorchScript files, optional otherwise (then remembered for :func:`save`).
+        arch_kwargs: keyword arguments of the factory, e.g. ``{"num_classes": 14}``.
+        trust_pickle: allow unpickling a whole module (can run arbitrary code).
+
+    Returns the model on the CPU, with its mode as stored (a freshly built one is in train
+    mode). Raises FileNotFoundError or ValueError with a message naming the fix.
+    """
+    path = Path(path)
+    obj = _read(path, trust_pickle)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        return _rebuild(obj, path, False, arch, arch_kwargs)
+    if isinstance(obj, Mapping) and obj.get("format") == "bnnconvert.saliency":
+        raise ValueError(f"{path} is a saliency file, not a model; pass the model checkpoint")
+    if isinstance(obj, torch.jit.ScriptModule):
+        if arch is None:
+            raise ValueError(
+                f"{path} is a TorchScript module, which cannot be converted (its layers are "
+                "compiled code); pass --arch (arch=...) to load its weights into the Python "
+                "architecture, or save model.state_dict() instead"
+            )
+        return _model_from_state(obj.state_dict(), path, arch, arch_kwargs)
+    if isinstance(obj, nn.Module):
+        _remember_arch(obj, arch, arch_kwargs)
+        return obj
+    if isinstance(obj, Mapping):
+        state = _find_state_dict(obj, path)
+        if state is not None:
+            return _model_from_state(state, path, arch, arch_kwargs)
+        if isinstance(obj.get("model"), nn.Module):
+            _remember_arch(obj["model"], arch, arch_kwargs)
+            return obj["model"]
+        keys = ", ".join(map(repr, list(obj)[:6]))
+        raise ValueError(
+            f"{path} holds a dict without a state_dict (keys {keys}); save model.state_dict() "
+            f"or a dict with one under {' / '.join(_STATE_KEYS)}"
+        )
+    raise ValueError(
+        f"{path} holds a {type(obj).__name__}, not a model or a state_dict; save "
+        "model.state_dict() (and pass --arch) or the model itself"
+    )
+
+
+def load(
+    path: str | os.PathLike,
+    deterministic: bool = False,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """Load a model written by :func:`save` (no code is unpickled).
+
+    Args:
+        path: the file.
+        deterministic: return the mu model (the original architecture, sigma dropped)
+            instead of the partial Bayesian one.
+        arch, arch_kwargs: the architecture, needed only when the file was saved without
+            one; they override the stored spec.
+
+    Returns the model on the CPU in eval mode.
+    """
+    path = Path(path)
+    obj = _read(path, trust_pickle=False)
+    if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):
+        raise ValueError(
+            f"{path} was not written by bnnconvert.save; load user checkpoints with "
+            "bnnconvert.load_checkpoint(path, arch=...)"
+        )
+    return _rebuild(obj, path, deterministic, arch, arch_kwargs)
+
+
+def _rebuild(
+    payload: Mapping,
+    path: Path,
+    deterministic: bool,
+    arch: str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+) -> nn.Module:
+    if payload.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer bnnconvert ({payload.get('bnnconvert_version')}, "
+            f"format {payload.get('version')}); upgrade bnnconvert to read it"
+        )
+    stored_arch, stored_kwargs = payload.get("arch"), payload.get("arch_kwargs") or {}
+    if arch is None and stored_arch is None:
+        raise ValueError(
+            f"{path} was saved without an architecture spec; pass --arch package.module:factory "
+            "(arch=...) and --arch-kwargs, or save with bnnconvert.save(model, path, arch=...)"
+        )
+    spec = arch or stored_arch
+    kwargs = dict(arch_kwargs) if arch_kwargs is not None else dict(stored_kwargs)
+    model = build_model(spec, kwargs)
+    state = payload["state_dict"]
+    _reapply_conversion(model, payload.get("bayesian") or {}, state, path)
+    load_state_strict(model, state, f"{path} for {_arch_label(spec, kwargs)}")
+    if payload.get("info") is not None:
+        setattr(model, INFO_ATTR, dict(payload["info"]))
+    model.eval()
+    if deterministic:
+        to_deterministic(model, inplace=True)
+    return model
+
+
+def _reapply_conversion(
+    model: nn.Module, layers: Mapping[str, list[str]], state: Mapping[str, Tensor], path: Path
+) -> None:
+    """Turn the stored Bayesian layers of a freshly built model into masked layers again."""
+    modules = dict(model.named_modules())
+    for layer_name, names in layers.items():
+        if layer_name not in modules:
+            raise ValueError(
+                f"{path} has a Bayesian layer {layer_name!r} that the architecture lacks; check "
+                "--arch and --arch-kwargs"
+            )
+        module = modules[layer_name]
+        masks = {n: _mask_from_state(module, layer_name, n, state, path) for n in names}
+        prior = state[_key(layer_name, "bayes_prior")]
+        make_bayesian(module, masks, prior_mu=float(prior[0]), prior_sigma=float(prior[1]))
+    attach_owners(model)
+
+
+def _key(layer: str, name: str) -> str:
+    return f"{layer}.{name}" if layer else name
+
+
+def _mask_from_state(
+    module: nn.Module, layer: str, name: str, state: Mapping[str, Tensor], path: Path
+) -> Tensor:
+    """Bool mask of the parameter's shape from the stored ``<name>_idx`` (empty: dense)."""
+    param = module._parameters.get(name)
+    idx, rho = state.get(_key(layer, f"{name}_idx")), state.get(_key(layer, f"{name}_rho"))
+    if param is None or idx is None or rho is None:
+        raise ValueError(
+            f"{path} is damaged or does not fit the architecture: no {name!r} mask for layer "
+            f"{layer!r}; check --arch and --arch-kwargs"
+        )
+    mask = torch.zeros(param.numel(), dtype=torch.bool)
+    if idx.numel() == 0 and rho.numel() == param.numel():
+        mask[:] = True
+    elif idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= param.numel()):
+        raise ValueError(f"{path}: indices of {_key(layer, name)!r} exceed its size; damaged?")
+    else:
+        mask[idx.long()] = True
+    return mask.view(param.shape)
+
+
+# ----------------------------------------------------------------------- saving
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a (converted or plain) model atomically; see the module docstring for the format.
+
+    Args:
+        model: a model from :func:`~bnnconvert.convert`, :func:`load`, training, or any
+            plain model.
+        path: the file; written to a temporary file beside it and renamed.
+        arch: ``"package.module:factory"`` rebuilding the architecture, needed by
+            :func:`load`. Default: the spec the model remembers (models from
+            :func:`load_checkpoint` with an arch, :func:`build_model`, :func:`load`).
+            Without one the file is written and :func:`load` then needs ``arch=``.
+        arch_kwargs: the factory's keyword arguments (default: the remembered ones).
+    """
+    from . import __version__
+
+    stored_arch, stored_kwargs = _arch_of(model)
+    spec = arch or stored_arch
+    kwargs = _plain(dict(arch_kwargs) if arch_kwargs is not None else stored_kwargs, "arch_kwargs")
+    if spec is not None:
+        resolve_arch(spec)
+    else:
+        log.warning("saving %s without an architecture spec; load() will need arch=", path)
+    info = getattr(model, INFO_ATTR, None)
+    if info is not None:
+        info = _plain(info, INFO_ATTR)
+    payload = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "bnnconvert_version": str(__version__),
+        "torch_version": str(torch.__version__),
+        "arch": spec,
+        "arch_kwargs": kwargs,
+        "info": info,
+        "bayesian": {name: list(layer.bayes_names) for name, layer in bayesian_layers(model)},
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_torch_save(payload, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: never a torn file."""
+    path = check_output_path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Fail early (before any long computation) if ``path`` cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; pass a file name such as {path}/model.pt")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"cannot write to {path.parent}")
+    return path
+
+
+# ----------------------------------------------------------------------- one line
+def convert_checkpoint(
+    checkpoint: str | os.PathLike | nn.Module,
+    data: Iterable | None = None,
+    r_bayes: float = 0.01,
+    *,
+    arch: str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    criterion: str = "grad2",
+    saliency: Saliency | str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    num_batches: int | None = None,
+    device: str | torch.device | None = None,
+    **convert_kwargs: Any,
+) -> nn.Module:
+    """Checkpoint in, partial Bayesian network out: load, score, select, convert, save.
+
+    Args:
+        checkpoint: a file :func:`load_checkpoint` reads, or a model.
+        data: (input, target) batches for the saliency pass (criteria "grad2", "fisher").
+        r_bayes: fraction of entries made Bayesian, in (0, 1].
+        arch, arch_kwargs, trust_pickle: see :func:`load_checkpoint`.
+        criterion: saliency criterion when ``saliency`` is None.
+        saliency: a ready :class:`~bnnconvert.Saliency` or the path of a saved one.
+        output: if given, the converted model is written there with :func:`save`.
+        loss_fn, num_batches, device: passed to :func:`~bnnconvert.compute_saliency`.
+        **convert_kwargs: passed to :func:`~bnnconvert.convert` (prior_sigma, rho_init,
+            moped_delta, scope, ...).
+
+    Returns the converted model (it remembers its architecture spec).
+    """
+    check_r_bayes(r_bayes)
+    if output is not None:
+        check_output_path(output)
+    if isinstance(checkpoint, nn.Module):
+        model = checkpoint
+        _remember_arch(model, arch, arch_kwargs)
+    else:
+        model = load_checkpoint(checkpoint, arch, arch_kwargs, trust_pickle=trust_pickle)
+    if saliency is None:
+        if criterion in DATA_CRITERIA and data is None:
+            raise ValueError(
+                f"criterion {criterion!r} needs data=... for its gradient pass; pass data, a "
+                "saved saliency, or criterion='magnitude' / 'random'"
+            )
+        saliency = compute_saliency(
+            model, data, loss_fn, criterion=criterion, num_batches=num_batches, device=device
+        )
+    pbnn = convert(model, saliency, r_bayes, **convert_kwargs)
+    if output is not None:
+        save(pbnn, output)
+    return pbnn
+
+
+# ----------------------------------------------------------------------- describing
+def describe(model: nn.Module) -> dict[str, Any]:
+    """Plain facts about a model for reports and ``bnnconvert info``.
+
+    Returns {"class", "arch", "arch_kwargs", "parameters", "entries" (convertible weight and
+    bias entries), "bayesian" (k), "bayesian_layers", "conversion" (settings or None)}.
+    """
+    arch, kwargs = _arch_of(model)
+    summary = bayes_summary(model)
+    return {
+        "class": type(model).__name__,
+        "arch": arch,
+        "arch_kwargs": kwargs,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "entries": summary.entries,
+        "bayesian": num_bayesian(model),
+        "bayesian_layers": sum(1 for m in model.modules() if isinstance(m, BayesianLayer)),
+        "conversion": dict(getattr(model, INFO_ATTR, None) or {}) or None,
+    }
+
+
+# ----------------------------------------------------------------------- data
+def open_data(
+    spec: str | os.PathLike,
+    split: str = "train",
+    *,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    size: int | None = None,
+    as_rgb: bool | None = None,
+    num_workers: int = 0,
+) -> Iterable:
+    """A loader of (input, target) batches from what the CLI's ``--data`` names.
+
+    - a MedMNIST-format ``.npz`` file (:func:`~bnnconvert.data.medmnist_npz`);
+    - a folder of ``images/`` and ``masks/`` (:func:`~bnnconvert.data.segmentation_folder`),
+      reading ``<folder>/<split>/`` when that subfolder exists;
+    - ``"package.module:factory"``: the factory is called with those of the keyword
+      arguments ``split``, ``batch_size``, ``shuffle``, ``seed`` that it accepts and must
+      return a DataLoader (or any iterable of (input, target) batches).
+
+    Loaders built here are seeded (:func:`~bnnconvert.data.make_loader`); training loaders
+    (``shuffle=True``) drop a last incomplete batch. The dataset's ``task`` and
+    ``class_weights()`` are reachable as ``loader.dataset``.
+    """
+    from .data import make_loader, medmnist_npz, segmentation_folder
+
+    text = os.fspath(spec)
+    path = Path(text)
+    if not path.exists() and _FACTORY_SPEC.match(text):
+        return _data_from_factory(text, split, batch_size, shuffle, seed)
+    if path.is_dir():
+        sub = split if (path / split).is_dir() else None
+        if sub is None and not (path / "images").is_dir():
+            found = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"no {split}/ or images/ folder in {path} (it has {found}); a segmentation "
+                "folder holds images/ and masks/, optionally under train/, val/, test/"
+            )
+        dataset = segmentation_folder(path, sub, size=size)
+    elif path.is_file():
+        dataset = medmnist_npz(path, split, size=size, as_rgb=as_rgb)
+    else:
+        raise FileNotFoundError(
+            f"no data at {path}; pass a MedMNIST .npz file, a folder of images/ and masks/, "
+            "or package.module:factory returning a DataLoader"
+        )
+    drop_last = shuffle and len(dataset) > batch_size
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
+
+
+def _data_from_factory(spec: str, split: str, batch_size: int, shuffle: bool, seed: int):
+    factory = resolve_arch(spec, "data factory")
+    offered = {"split": split, "batch_size": batch_size, "shuffle": shuffle, "seed": seed}
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = offered
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    loader = factory(**kwargs)
+    if not isinstance(loader, Iterable):
+        raise ValueError(f"data factory {spec} returned {type(loader).__name__}, not a loader")
+    return loader

@@ -1,0 +1,58 @@
+"""Baselines from the literature under one protocol, beside the sparse Bayesian method.
+
+Every method is built from the user's model, trained with a given budget and predicts the
+same :class:`~bnnconvert.Prediction` as :func:`bnnconvert.predict`, so one evaluation
+(:func:`bnnconvert.metrics.evaluate`) compares them all::
+
+    from bnnconvert.methods import get_method
+    method = get_method("partial1", trained_model, task="multiclass")
+    method.fit(train_loader, epochs=2, seed=0)
+    prediction = method.predict(test_loader)
+    method.num_parameters(), method.flops(batch)
+
+See :class:`Method` for the protocol, :func:`get_method` for the names and
+:func:`compare_methods_on_data` for the paper's comparison protocol.
+"""
+
+from .base import Method, last_convertible_layers, reseed_data
+from .checkpoint_ensemble import SWA, CheckpointEnsemble, checkpoint_epochs, lr_at
+from .compare import compare_methods_on_data, ood_auroc, results_markdown
+from .deterministic import Deterministic, fit_temperature
+from .ensemble import Ensemble, reset_parameters
+from .full_bayes import FullBayes, bayesian_torch_convert
+from .last_layers import LastLayers
+from .layer_ensemble import LayerEnsemble, LayerEnsembleNet, default_stages
+from .mc_dropout import MCDropout, MonteCarloDropout, insert_dropout
+from .registry import METHOD_NAMES, get_method
+from .sparse import SparseBayes
+from .variational import VariationalMethod
+
+__all__ = [
+    "METHOD_NAMES",
+    "SWA",
+    "CheckpointEnsemble",
+    "Deterministic",
+    "Ensemble",
+    "FullBayes",
+    "LastLayers",
+    "LayerEnsemble",
+    "LayerEnsembleNet",
+    "MCDropout",
+    "Method",
+    "MonteCarloDropout",
+    "SparseBayes",
+    "VariationalMethod",
+    "bayesian_torch_convert",
+    "checkpoint_epochs",
+    "compare_methods_on_data",
+    "default_stages",
+    "fit_temperature",
+    "get_method",
+    "insert_dropout",
+    "last_convertible_layers",
+    "lr_at",
+    "ood_auroc",
+    "reseed_data",
+    "reset_parameters",
+    "results_markdown",
+]

@@ -1,0 +1,117 @@
+"""The deterministic baseline, with optional temperature scaling (Guo et al., 2017)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..predict import _split_batch
+from ..saliency import LossFn
+from .base import Method, model_outputs
+
+__all__ = ["Deterministic", "fit_temperature"]
+
+
+class Deterministic(Method):
+    """The user's model trained on with the plain NLL (one forward per prediction).
+
+    Args:
+        model, task, name: see :class:`~bnnconvert.methods.Method` (``samples`` is
+            accepted and ignored: one forward).
+        temperature_scaling: after training, fit one temperature T > 0 on ``val_data``
+            (required then) by minimising the validation NLL of logits / T with LBFGS;
+            predictions use logits / T. Classification: T scales the (N, C) logits of
+            softmax or the (N, L) logits of sigmoid outputs. Segmentation: one T for
+            every pixel, fitted on the per-pixel cross-entropy of all pixels of
+            ``val_data`` (their logits are held in memory: keep the set small).
+
+    Attributes:
+        temperature: T (1.0 until calibrated).
+    """
+
+    name = "deterministic"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task: str | None = None,
+        samples: int = 1,
+        temperature_scaling: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(model, task=task, samples=samples, name=name)
+        self.temperature_scaling = temperature_scaling
+        self.temperature = 1.0
+
+    def fit(
+        self,
+        train_data: Iterable,
+        *,
+        epochs: int,
+        seed: int | None = None,
+        val_data: Iterable | None = None,
+        **train_kwargs: Any,
+    ) -> Deterministic:
+        """NLL training for ``epochs`` epochs, then temperature scaling if enabled."""
+        if self.temperature_scaling and val_data is None:
+            raise ValueError("temperature scaling needs val_data: pass fit(..., val_data=...)")
+        self._begin(train_data, epochs, seed)
+        self.model = self._fresh()
+        self.temperature = 1.0
+        self._train(self.model, train_data, epochs, seed, **train_kwargs)
+        if self.temperature_scaling:
+            self.calibrate(val_data)
+        return self
+
+    def calibrate(self, val_data: Iterable) -> float:
+        """Fit the temperature on (input, target) batches; returns T."""
+        self.task = self.task or "multiclass"
+        logits, targets = self._logits(val_data)
+        self.temperature = fit_temperature(logits, targets, self._loss())
+        return self.temperature
+
+    def outputs(self, x: Tensor, samples: int) -> Tensor:
+        return model_outputs(self.model, x, 1) / self.temperature
+
+    def _logits(self, data: Iterable) -> tuple[Tensor, Tensor]:
+        """Logits (N, C, ...) at T = 1 and targets of every batch, on the CPU."""
+        outs, targets = [], []
+        for batch in data:
+            x, y = _split_batch(batch)
+            if y is None:
+                raise ValueError("val_data must yield (input, target) batches")
+            with torch.no_grad():
+                outs.append(model_outputs(self.model, x.to(self.device), 1)[0].cpu())
+            targets.append(y.cpu())
+        return torch.cat(outs), torch.cat(targets)
+
+
+def fit_temperature(
+    logits: Tensor, targets: Tensor, loss_fn: LossFn, *, max_iter: int = 100
+) -> float:
+    """The temperature T > 0 minimising ``loss_fn(logits / T, targets)`` (the NLL).
+
+    Optimised over log T (so T stays positive) with LBFGS and a strong-Wolfe line search,
+    starting from T = 1.
+
+    Args:
+        logits: (N, C, *spatial) or (N, L) raw outputs.
+        targets: what ``loss_fn`` expects, e.g. (N, *spatial) class indices.
+        loss_fn: the NLL, e.g. :func:`bnnconvert.train.task_loss` of the task.
+    """
+    logits = logits.detach().float()
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = loss_fn(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())

@@ -1,0 +1,79 @@
+"""Method names for the benchmark command: ``get_method("partial1", model)``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .base import Method
+from .checkpoint_ensemble import SWA, CheckpointEnsemble
+from .deterministic import Deterministic
+from .ensemble import Ensemble
+from .full_bayes import FullBayes
+from .last_layers import LastLayers
+from .layer_ensemble import LayerEnsemble
+from .mc_dropout import MonteCarloDropout
+from .sparse import SparseBayes
+
+__all__ = ["METHOD_NAMES", "get_method"]
+
+_FIXED: dict[str, tuple[type[Method], dict[str, Any]]] = {
+    "deterministic": (Deterministic, {}),
+    "temperature": (Deterministic, {"temperature_scaling": True}),
+    "bayesian": (FullBayes, {"backend": "bnnconvert"}),
+    "bayesian_torch": (FullBayes, {"backend": "bayesian-torch"}),
+    "last_layer": (LastLayers, {"layers": 1}),
+    "mc_dropout": (MonteCarloDropout, {}),
+    "checkpoint_ensemble": (CheckpointEnsemble, {"cycles": 1}),
+    "checkpoint_ensemble_multi": (CheckpointEnsemble, {"cycles": 3}),
+    "swa": (SWA, {}),
+    "layer_ensemble": (LayerEnsemble, {}),
+}
+
+_NUMBER = r"(\d+(?:\.\d+)?)"
+_PATTERNS: list[tuple[str, Callable[[re.Match], tuple[type[Method], dict[str, Any]]]]] = [
+    (r"ensemble(\d+)", lambda m: (Ensemble, {"members": int(m[1])})),
+    (rf"partial{_NUMBER}", lambda m: (SparseBayes, {"r_bayes": float(m[1]) / 100})),
+    (
+        rf"(grad2|fisher|magnitude|random){_NUMBER}",
+        lambda m: (SparseBayes, {"criterion": m[1], "r_bayes": float(m[2]) / 100}),
+    ),
+    (r"last_layers(\d+)", lambda m: (LastLayers, {"layers": int(m[1])})),
+]
+
+METHOD_NAMES = (
+    *_FIXED,
+    "ensembleM (e.g. ensemble5)",
+    "partialP (grad2 at P %, e.g. partial1, partial5, partial20)",
+    "magnitudeP, randomP, fisherP, grad2P (ablations, e.g. magnitude1, random1)",
+    "last_layersN (the last N layers Bayesian)",
+)
+"""The names :func:`get_method` understands (patterns described in words)."""
+
+
+def get_method(name: str, model: nn.Module, **kwargs: Any) -> Method:
+    """The method called ``name`` built from ``model``; ``kwargs`` override its defaults
+    (e.g. ``task="segmentation"``, ``samples=5``).
+
+    Names: "deterministic", "temperature" (deterministic + temperature scaling),
+    "ensemble5" (M = 5 members; any M), "partial1"/"partial5"/"partial20" (the sparse
+    method, grad2 at r = 1/5/20 %), "magnitude1", "random1", "fisher1" (ablations at r in
+    %), "bayesian" (ours at r = 100 %), "bayesian_torch" (dnn_to_bnn with MOPED),
+    "last_layer" / "last_layers3" (Zeng et al.), "mc_dropout", "checkpoint_ensemble"
+    (one cycle), "checkpoint_ensemble_multi" (3 cycles), "swa", "layer_ensemble".
+    """
+    key = name.strip().lower()
+    if key in _FIXED:
+        cls, defaults = _FIXED[key]
+    else:
+        for pattern, build in _PATTERNS:
+            match = re.fullmatch(pattern, key)
+            if match:
+                cls, defaults = build(match)
+                break
+        else:
+            raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
+    return cls(model, **{**defaults, "name": name, **kwargs})

@@ -1,0 +1,583 @@
+"""The bnnconvert CLI (in-process through CliRunner and as real subprocesses) and the
+training loops behind ``bnnconvert train``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+import bnnconvert
+from bnnconvert import Saliency, compute_saliency, convert
+from bnnconvert.cli import KILL_ENV, PLUGIN_COMMANDS, main
+from bnnconvert.convert import num_bayesian
+from bnnconvert.io import load, open_data
+from bnnconvert.layers import bayesian_layers
+from bnnconvert.models import UNet, resnet18
+from bnnconvert.train import check_fit, task_loss, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = Path(bnnconvert.__file__).parent / "demo_data" / "digits.npz"
+ARCH = ["--arch", "bnnconvert.models:resnet18", "--arch-kwargs", "num_classes=10,in_channels=1"]
+BATCH = ["--batch-size", "16"]
+TRAIN = ["--epochs", "1", "--samples", "2", "--checkpoint-every", "1", *BATCH]
+
+
+def _npz(path: Path, n: dict[str, int], rgb: bool = False, classes: int | None = None):
+    """A MedMNIST-format file of real digits (the bundled set)."""
+    src = np.load(DIGITS)
+    arrays = {}
+    for split, k in n.items():
+        images = src[f"{split}_images"][:k]
+        arrays[f"{split}_images"] = np.repeat(images[..., None], 3, -1) if rgb else images
+        labels = src[f"{split}_labels"][:k]
+        arrays[f"{split}_labels"] = labels if classes is None else labels % classes + 4
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One intra-op thread here and in the subprocesses: identical summation order in and
+    out of process (the resume test compares bits), and no OpenMP spinning on a busy
+    2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Workspace: 32/16/16 real digit images."""
+    root = tmp_path_factory.mktemp("cli")
+    _npz(root / "digits.npz", {"train": 32, "val": 16, "test": 16})
+    return root
+
+
+def _ok(args) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def pipeline(ws):
+    """Through CliRunner, the paper's steps on a torchvision ResNet18:
+    train (step 1, from --arch) -> saliency -> convert -> train (ELBO) -> evaluate -> info."""
+    data = ws / "digits.npz"
+    out = {
+        "det": _ok(
+            [
+                "train",
+                *ARCH,
+                "--data",
+                data,
+                "--epochs",
+                "1",
+                *BATCH,
+                "--val-split",
+                "val",
+                "-o",
+                ws / "det.pt",
+            ]
+        )
+    }
+    out["saliency"] = _ok(["saliency", ws / "det.pt", "--data", data, *BATCH, "-o", ws / "sal.pt"])
+    out["convert"] = _ok(
+        [
+            "convert",
+            ws / "det.pt",
+            "--saliency",
+            ws / "sal.pt",
+            "--r-bayes",
+            "0.01",
+            "-o",
+            ws / "bayes.pt",
+        ]
+    )
+    out["train"] = _ok(["train", ws / "bayes.pt", "--data", data, *TRAIN, "-o", ws / "trained.pt"])
+    out["evaluate"] = _ok(
+        [
+            "evaluate",
+            ws / "trained.pt",
+            "--data",
+            data,
+            "--samples",
+            "2",
+            *BATCH,
+            "--json",
+            ws / "metrics.json",
+            "--plots",
+            ws / "plots",
+        ]
+    )
+    out["info"] = _ok(["info", ws / "trained.pt"])
+    return out
+
+
+# ----------------------------------------------------------------------- the pipeline
+def test_pipeline_in_process(ws, pipeline):
+    det = load(ws / "det.pt")
+    assert not list(bayesian_layers(det)) and type(det).__name__ == "ResNet"
+    assert det.bnnconvert_arch["kwargs"] == {"num_classes": 10, "in_channels": 1}
+    assert "val_accuracy" in pipeline["det"]
+
+    sal = Saliency.load(ws / "sal.pt")
+    assert sal.criterion == "grad2" and sal.meta["num_samples"] == 32
+    assert sal.num_entries == 11_165_770
+    assert "conv1" in pipeline["saliency"] and "top 1 %" in pipeline["saliency"]
+
+    bayes = load(ws / "bayes.pt")
+    masks = sal.select(0.01)
+    assert num_bayesian(bayes) == round(0.01 * sal.num_entries)
+    for name, layer in bayesian_layers(bayes):
+        for tensor in layer.bayes_names:
+            assert torch.equal(layer.bayes_mask(tensor), masks[f"{name}.{tensor}"])
+    x = torch.randn(2, 1, 28, 28)
+    with bnnconvert.mean_weights(bayes):
+        assert torch.equal(bayes(x), det(x))
+
+    trained = load(ws / "trained.pt")
+    assert not (ws / "trained.pt.ckpt").exists()  # removed once the output is written
+    changed = [
+        n
+        for n, t in trained.state_dict().items()
+        if n.endswith("_rho") and not torch.equal(t, bayes.state_dict()[n])
+    ]
+    assert changed  # sigma trained
+    assert "kl" in pipeline["train"]
+
+    record = json.loads((ws / "metrics.json").read_text())
+    assert record["task"] == "multiclass" and 0 <= record["metrics"]["accuracy"] <= 1
+    assert set(record["metrics"]) >= {"accuracy", "nll", "ece", "brier", "mutual_info"}
+    assert "accuracy" in pipeline["evaluate"] and "16 items" in pipeline["evaluate"]
+    assert (ws / "plots" / "reliability.png").stat().st_size > 0
+    assert "bnnconvert.models:resnet18" in pipeline["info"]
+    assert "111,658 of 11,165,770 entries (1.00 %)" in pipeline["info"]
+
+
+def _start(*args, env=None) -> subprocess.Popen:
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "bnnconvert", *map(str, args)],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    return _wait(_start(*args, env=env), check)
+
+
+def _wait(proc: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    if check:
+        assert proc.returncode == 0, stderr
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_pipeline_subprocess_with_kill_and_resume(ws, pipeline, tmp_path):
+    """Each command as a real process, from a plain state_dict file + --arch; train is
+    SIGKILLed mid-epoch, resumed, and ends bit-equal to the uninterrupted in-process run."""
+    data = ws / "digits.npz"
+    failing = _start("info", tmp_path / "missing.pt")  # runs alongside the rest
+    torch.save(load(ws / "det.pt").state_dict(), tmp_path / "weights.pt")
+    _run(
+        "--progress",
+        "saliency",
+        tmp_path / "weights.pt",
+        *ARCH,
+        "--data",
+        data,
+        *BATCH,
+        "-o",
+        tmp_path / "sal.pt",
+    )
+    a, b = Saliency.load(ws / "sal.pt"), Saliency.load(tmp_path / "sal.pt")
+    assert all(torch.equal(a.scores[k], b.scores[k]) for k in a.scores)
+    _run(
+        "convert",
+        tmp_path / "weights.pt",
+        *ARCH,
+        "--saliency",
+        tmp_path / "sal.pt",
+        "--r-bayes",
+        "0.01",
+        "-o",
+        tmp_path / "bayes.pt",
+    )
+
+    out, ckpt = tmp_path / "trained.pt", tmp_path / "trained.pt.ckpt"
+    args = ["train", tmp_path / "bayes.pt", "--data", data, *TRAIN, "-o", out]
+    killed = _run(*args, env={KILL_ENV: "2"}, check=False)
+    assert killed.returncode == -9, killed.stderr  # SIGKILL in step 2 of 2
+    assert ckpt.exists() and not out.exists()
+    assert torch.load(ckpt, weights_only=True)["step"] == 1  # written after step 1
+    resumed = _run(*args)
+    assert "resuming from" in resumed.stderr and not ckpt.exists()
+    reference, result = load(ws / "trained.pt").state_dict(), load(out).state_dict()
+    assert all(torch.equal(reference[k], result[k]) for k in reference)  # bit for bit
+
+    evaluate = _start(
+        "evaluate", out, "--data", data, "--samples", "2", *BATCH, "--json", tmp_path / "m.json"
+    )
+    info = _start("info", out, "--json")
+    failed = _wait(failing, check=False)
+    assert "accuracy" in _wait(evaluate).stdout
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(
+        (ws / "metrics.json").read_text()
+    ) | {"model": str(out)}
+    assert json.loads(_wait(info).stdout)["bayesian"] == 111_658
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        f"Error: no such file: {tmp_path / 'missing.pt'} (run with --debug for the traceback)"
+    ]
+
+
+# ----------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad(ws):
+    """Files that are not what they claim, and data that does not fit the model."""
+    root = ws / "bad"
+    root.mkdir()
+    (root / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    (root / "empty.pt").write_bytes(b"")
+    (root / "text.pt").write_text("epoch,loss\n1,0.5\n")
+    unet = UNet(in_channels=1, num_classes=2, base=4, depth=2)
+    compute_saliency(unet, None, criterion="magnitude").save(root / "unet_sal.pt")
+    _npz(root / "rgb.npz", {"train": 8, "test": 8}, rgb=True)
+    _npz(root / "classes14.npz", {"train": 8, "test": 8}, classes=10)
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), root / "whole.pt")
+    torch.manual_seed(0)
+    torch.save(resnet18(num_classes=10, in_channels=1).state_dict(), root / "weights.pt")
+    return root
+
+
+def _fails(args, *words, output: Path | None = None) -> str:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+    if output is not None:
+        assert not output.exists()
+        assert not list(output.parent.glob(f".{output.name}.tmp*"))
+        assert not output.with_name(output.name + ".ckpt").exists()
+    return lines[0]
+
+
+CONVERT = ["--saliency", "magnitude", "--r-bayes", "0.01"]
+
+
+@pytest.mark.parametrize(
+    "name, args, words",
+    [
+        ("missing", ["convert", "{bad}/nope.pt", *CONVERT], ["no such file"]),
+        ("random", ["convert", "{bad}/random.pt", *ARCH, *CONVERT], ["not a PyTorch checkpoint"]),
+        ("empty", ["convert", "{bad}/empty.pt", *ARCH, *CONVERT], ["is empty"]),
+        ("text", ["convert", "{bad}/text.pt", *ARCH, *CONVERT], ["not a PyTorch checkpoint"]),
+        ("no-arch", ["convert", "{bad}/weights.pt", *CONVERT], ["no architecture", "--arch"]),
+        (
+            "bad-arch",
+            ["convert", "{bad}/weights.pt", "--arch", "nonexistent_pkg.models:net", *CONVERT],
+            ["cannot import module", "nonexistent_pkg"],
+        ),
+        (
+            "unfit-arch",
+            [
+                "convert",
+                "{bad}/weights.pt",
+                "--arch",
+                "bnnconvert.models:resnet18",
+                "--arch-kwargs",
+                "num_classes=14,in_channels=1",
+                *CONVERT,
+            ],
+            ["does not fit", "fc.weight", "--arch-kwargs"],
+        ),
+        (
+            "other-saliency",
+            [
+                "convert",
+                "{bad}/weights.pt",
+                *ARCH,
+                "--saliency",
+                "{bad}/unet_sal.pt",
+                "--r-bayes",
+                "0.01",
+            ],
+            ["another architecture", "Recompute the saliency"],
+        ),
+        (
+            "r-bayes-0",
+            ["convert", "{bad}/weights.pt", *ARCH, "--saliency", "magnitude", "--r-bayes", "0"],
+            ["r_bayes must be in (0, 1]"],
+        ),
+        (
+            "r-bayes-1.5",
+            ["convert", "{bad}/weights.pt", *ARCH, "--saliency", "magnitude", "--r-bayes", "1.5"],
+            ["r_bayes must be in (0, 1]"],
+        ),
+        (
+            "rgb-data",
+            ["saliency", "{bad}/weights.pt", *ARCH, "--data", "{bad}/rgb.npz"],
+            ["data does not fit the model", "in_channels"],
+        ),
+        (
+            "class-data",
+            ["train", "{bad}/weights.pt", *ARCH, "--data", "{bad}/classes14.npz", "--epochs", "1"],
+            ["outputs 10 classes but the data has 14"],
+        ),
+        ("pickle", ["info", "{bad}/whole.pt"], ["--trust-pickle", "arbitrary code"]),
+        (
+            "arch-kwargs",
+            [
+                "info",
+                "{bad}/weights.pt",
+                "--arch",
+                "bnnconvert.models:resnet18",
+                "--arch-kwargs",
+                "num_classes",
+            ],
+            ["--arch-kwargs"],
+        ),
+    ],
+)
+def test_bad_input_one_line_error_no_output(ws, bad, tmp_path, name, args, words):
+    args = [a.format(ws=ws, bad=bad) for a in args]
+    output = tmp_path / "out.pt"
+    if args[0] != "info":
+        args += ["-o", output]
+    _fails(args, *words, output=output if args[0] != "info" else None)
+
+
+def test_pickled_module_accepted_with_trust(bad):
+    out = _ok(["info", bad / "whole.pt", "--trust-pickle"])
+    assert "Sequential" in out and "7,850" in out
+
+
+def test_debug_shows_the_exception(ws):
+    result = CliRunner().invoke(main, ["--debug", "info", str(ws / "nope.pt")])
+    assert isinstance(result.exception, FileNotFoundError)
+    result = CliRunner().invoke(main, ["info", str(ws / "nope.pt")], env={"BNNCONVERT_DEBUG": "1"})
+    assert isinstance(result.exception, FileNotFoundError)
+
+
+def test_output_folder_missing_fails_before_work(ws, tmp_path):
+    _fails(
+        [
+            "saliency",
+            tmp_path / "nope.pt",
+            "--data",
+            ws / "digits.npz",
+            "-o",
+            tmp_path / "no" / "sal.pt",
+        ],
+        "output folder does not exist",
+    )
+
+
+def test_resume_with_other_settings_is_refused(ws, pipeline, tmp_path):
+    out = tmp_path / "t.pt"
+    ckpt = out.with_name("t.pt.ckpt")
+    args = ["train", ws / "bayes.pt", "--data", ws / "digits.npz", *TRAIN, "-o", out]
+    torch.save({"format": "bnnconvert.train-checkpoint", "fingerprint": {"lr": 0.5}}, ckpt)
+    _fails(args, "other settings", "--restart")
+    assert ckpt.exists() and not out.exists()
+
+
+# ----------------------------------------------------------------------- help and hooks
+def test_help_lists_every_command_with_an_example():
+    top = _ok(["--help"])
+    for name in main.list_commands(click.Context(main)):
+        assert f"bnnconvert {name}" in top, name
+        sub = _ok([name, "--help"])
+        assert f"bnnconvert {name}" in sub, name
+
+
+hello = click.Command(
+    "hello",
+    callback=lambda: click.echo("hello from a plugin"),
+    help="A plugin command.",
+    epilog="Example:\n  bnnconvert hello",
+)
+
+
+def test_plugin_commands_are_listed_and_run(monkeypatch):
+    monkeypatch.setitem(PLUGIN_COMMANDS, "hello", "tests.test_cli:hello")
+    monkeypatch.setitem(PLUGIN_COMMANDS, "later", "bnnconvert.not_written_yet:command")
+    top = _ok(["--help"])
+    assert "hello" in top and "bnnconvert hello" in top and "later" not in top
+    assert _ok(["hello"]).strip() == "hello from a plugin"
+
+
+# ----------------------------------------------------------------------- train library
+def _tiny():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)
+    )
+
+
+def _fit(ws, ckpt, kill_at=None, resume=False, epochs=2):
+    torch.manual_seed(1)
+    model = convert(_tiny(), "magnitude", 0.1)
+    loader = open_data(ws / "digits.npz", "train", batch_size=8, shuffle=True, seed=0)
+    losses = []
+
+    def on_step(info):
+        if info.global_step == kill_at:
+            raise KeyboardInterrupt
+        losses.append(info.loss)
+
+    try:
+        result = train(
+            model,
+            loader,
+            epochs,
+            samples=2,
+            seed=3,
+            momentum=0.9,
+            checkpoint=ckpt,
+            checkpoint_every=2,
+            resume=resume,
+            progress=False,
+            on_step=on_step,
+        )
+    except KeyboardInterrupt:
+        return None, losses
+    return result, losses
+
+
+@pytest.mark.parametrize("kill_at", [3, 5, 7], ids=["mid-epoch", "epoch-end", "next-epoch"])
+def test_resumed_training_equals_uninterrupted(ws, tmp_path, kill_at):
+    reference, ref_losses = _fit(ws, tmp_path / "ref.ckpt")
+    _, first = _fit(ws, tmp_path / "run.ckpt", kill_at=kill_at)
+    result, rest = _fit(ws, tmp_path / "run.ckpt", resume=True)
+    epoch, step = result.resumed_from
+    done = epoch * 4 + step  # 4 steps per epoch; checkpoints every 2 steps and epoch ends
+    assert done == {3: 2, 5: 4, 7: 6}[kill_at]
+    assert first[:done] + rest == ref_losses
+    assert result.history == reference.history
+    ref_state = reference.model.state_dict()
+    assert all(torch.equal(v, ref_state[k]) for k, v in result.model.state_dict().items())
+
+
+def test_deterministic_model_trains_plain_nll(ws):
+    loader = open_data(ws / "digits.npz", "train", batch_size=16, shuffle=True, seed=0)
+    seen = []
+    result = train(
+        _tiny(),
+        loader,
+        1,
+        samples=5,
+        beta=0.5,
+        progress=False,
+        on_step=seen.append,
+        validate=lambda m: {"score": 1.0},
+    )
+    assert [s.beta for s in seen] == [0.0] * 2 and all(s.kl == 0 for s in seen)
+    assert result.history[0]["val_score"] == 1.0 and result.history[0]["nll"] > 0
+
+
+def test_task_losses_and_fit_check():
+    logits = torch.randn(4, 3)
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    target = torch.tensor([0, 2, 1, 2])
+    expected = nn.functional.cross_entropy(logits, target, weight=weight)
+    assert torch.allclose(task_loss("multiclass", weight)(logits, target[:, None]), expected)
+    multi = torch.tensor([[1.0, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]])
+    assert torch.allclose(
+        task_loss("multilabel", weight)(logits, multi),
+        nn.functional.binary_cross_entropy_with_logits(logits, multi, pos_weight=weight),
+    )
+    seg = torch.randn(2, 3, 4, 4)
+    mask = torch.randint(0, 3, (2, 4, 4))
+    assert torch.allclose(
+        task_loss("segmentation")(seg, mask), nn.functional.cross_entropy(seg, mask)
+    )
+    with pytest.raises(ValueError, match="task must be one of"):
+        task_loss("regression")
+    batches = [(torch.randn(2, 1, 28, 28), torch.tensor([0, 12]))]
+    with pytest.raises(ValueError, match="do not fit the targets"):
+        check_fit(_tiny(), batches, task_loss("multiclass"))
+    with pytest.raises(ValueError, match="data does not fit the model"):
+        check_fit(_tiny(), [(torch.randn(2, 3, 28, 28), torch.tensor([0, 1]))])
+
+
+# ----------------------------------------------------------------------- other tasks
+def small_cnn(num_classes: int = 3, in_channels: int = 1) -> nn.Module:
+    """A factory for ``--arch tests.test_cli:small_cnn``."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, num_classes),
+    )
+
+
+def test_multilabel_npz_through_the_cli(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split in ("train", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (16, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (16, 3))
+    np.savez(tmp_path / "ml.npz", **arrays)
+    data = ["--data", tmp_path / "ml.npz", "--batch-size", "8"]
+    _ok(["train", "--arch", "tests.test_cli:small_cnn", *data, "--epochs", "1",
+         "-o", tmp_path / "det.pt"])  # fmt: skip
+    _ok(["convert", tmp_path / "det.pt", "--saliency", "magnitude", "--r-bayes", "0.2",
+         "-o", tmp_path / "bayes.pt"])  # fmt: skip
+    _ok(["train", tmp_path / "bayes.pt", *data, "--epochs", "1", "--samples", "2",
+         "-o", tmp_path / "trained.pt"])  # fmt: skip
+    _ok(["evaluate", tmp_path / "trained.pt", *data, "--json", tmp_path / "m.json",
+         "--plots", tmp_path / "plots"])  # fmt: skip
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["task"] == "multilabel" and "auc" in record["metrics"]
+    assert (tmp_path / "plots" / "reliability.png").exists()
+
+
+def test_segmentation_folder_through_the_cli(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for sub in ("images", "masks"):
+            (tmp_path / "seg" / split / sub).mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+            Image.fromarray(image).save(tmp_path / "seg" / split / "images" / f"{i}.png")
+            mask = ((image > 128) * 255).astype(np.uint8)
+            Image.fromarray(mask).save(tmp_path / "seg" / split / "masks" / f"{i}.png")
+    unet = ["--arch", "bnnconvert.models:UNet", "--arch-kwargs", "base=4,depth=2"]
+    data = ["--data", tmp_path / "seg", "--batch-size", "4"]
+    _ok(["train", *unet, *data, "--epochs", "1", "-o", tmp_path / "det.pt"])
+    _ok(["saliency", tmp_path / "det.pt", *data, "-o", tmp_path / "sal.pt"])
+    _ok(["convert", tmp_path / "det.pt", "--saliency", tmp_path / "sal.pt", "--r-bayes",
+         "0.05", "-o", tmp_path / "bayes.pt"])  # fmt: skip
+    _ok(["train", tmp_path / "bayes.pt", *data, "--epochs", "1", "--samples", "2",
+         "--beta", "linear:0.2:0.01", "-o", tmp_path / "trained.pt"])  # fmt: skip
+    out = _ok(["evaluate", tmp_path / "trained.pt", *data, "--plots", tmp_path / "plots"])
+    assert "dice" in out and "4 items" in out
+    assert len(list((tmp_path / "plots").glob("overlay_*.png"))) == 4
