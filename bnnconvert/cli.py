@@ -57,7 +57,8 @@ __all__ = ["PLUGIN_COMMANDS", "BnnGroup", "data_options", "main", "model_options
 log = logging.getLogger("bnnconvert")
 
 PLUGIN_COMMANDS: dict[str, str] = {
-    # "flops": "bnnconvert.flops_cli:flops",   name -> "module:click command"
+    "flops": "bnnconvert.flops_cli:flops",
+    "benchmark": "bnnconvert.benchmark:benchmark_command",
 }
 """Commands defined outside this module, as {name: "package.module:attribute"}.
 
@@ -155,18 +156,19 @@ def _progress(ctx: click.Context) -> bool:
 
 
 EXAMPLES = """\b
-Examples (the paper's three steps on a MedMNIST .npz):
+Examples (the paper's three steps on the bundled real digits; any MedMNIST .npz works):
   bnnconvert train --arch bnnconvert.models:resnet18 \\
-      --arch-kwargs num_classes=10,in_channels=1 --data digits.npz --epochs 3 -o det.pt
-  bnnconvert saliency det.pt --data digits.npz -o saliency.pt
+      --arch-kwargs num_classes=10,in_channels=1 --data demo:digits --epochs 3 -o det.pt
+  bnnconvert saliency det.pt --data demo:digits -o saliency.pt
   bnnconvert convert det.pt --saliency saliency.pt --r-bayes 0.01 -o bayes.pt
-  bnnconvert train bayes.pt --data digits.npz --epochs 2 --beta 0.01 --samples 5 -o trained.pt
-  bnnconvert evaluate trained.pt --data digits.npz --samples 5 --json metrics.json
+  bnnconvert train bayes.pt --data demo:digits --epochs 2 --beta 0.01 --samples 5 -o trained.pt
+  bnnconvert evaluate trained.pt --data demo:digits --samples 5 --json metrics.json
   bnnconvert info trained.pt
 
 \b
 DATA is a MedMNIST-format .npz, a folder of images/ and masks/ (segmentation,
-optionally under train/ val/ test/), or package.module:factory returning a DataLoader.
+optionally under train/ val/ test/), package.module:factory returning a DataLoader, or
+a bundled real set: demo:digits, demo:nuclei (segmentation), demo:ood.
 A state_dict or Lightning checkpoint needs --arch package.module:factory [--arch-kwargs].
 """
 
@@ -631,7 +633,7 @@ def _kill_hook() -> Callable | None:
 @main.command(
     epilog="""\b
 Examples:
-  bnnconvert evaluate trained.pt --data digits.npz --samples 5
+  bnnconvert evaluate trained.pt --data demo:digits --samples 5
   bnnconvert evaluate trained.pt --data chestmnist.npz --json metrics.json --plots plots/"""
 )
 @click.argument("model")

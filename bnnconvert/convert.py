@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .layers import (
@@ -143,7 +144,7 @@ def _check_names(tensors: Mapping[str, Tensor], params: Mapping[str, Tensor], su
 
 def _fraction(masks: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> float:
     total = sum(p.numel() for p in params.values())
-    return sum(int(m.sum()) for m in masks.values()) / total
+    return sum(int(torch.count_nonzero(m)) for m in masks.values()) / total
 
 
 def _group_by_layer(masks: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 import torch.serialization
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from .convert import INFO_ATTR, bayes_summary, convert, num_bayesian, to_deterministic
 from .layers import BayesianLayer, attach_owners, bayesian_layers, make_bayesian
@@ -57,6 +58,7 @@ __all__ = [
     "build_model",
     "check_output_path",
     "convert_checkpoint",
+    "demo_dataset",
     "describe",
     "load",
     "load_checkpoint",
@@ -679,7 +681,10 @@ def open_data(
       reading ``<folder>/<split>/`` when that subfolder exists;
     - ``"package.module:factory"``: the factory is called with those of the keyword
       arguments ``split``, ``batch_size``, ``shuffle``, ``seed`` that it accepts and must
-      return a DataLoader (or any iterable of (input, target) batches).
+      return a DataLoader (or any iterable of (input, target) batches);
+    - a bundled real demo set: ``"demo:digits"`` (MNIST, splits train/val/test),
+      ``"demo:nuclei"`` (fluorescence nuclei tiles, train/test), ``"demo:ood"`` (photo
+      patches, the digits' out-of-distribution set; every split gives the same 500).
 
     Loaders built here are seeded (:func:`~bnnconvert.data.make_loader`); training loaders
     (``shuffle=True``) drop a last incomplete batch. The dataset's ``task`` and
@@ -689,9 +694,11 @@ def open_data(
 
     text = os.fspath(spec)
     path = Path(text)
-    if not path.exists() and _FACTORY_SPEC.match(text):
+    if not path.exists() and text.startswith(DEMO_PREFIX):
+        dataset = demo_dataset(text, split, size=size, as_rgb=as_rgb)
+    elif not path.exists() and _FACTORY_SPEC.match(text):
         return _data_from_factory(text, split, batch_size, shuffle, seed)
-    if path.is_dir():
+    elif path.is_dir():
         sub = split if (path / split).is_dir() else None
         if sub is None and not (path / "images").is_dir():
             found = sorted(p.name for p in path.iterdir() if p.is_dir())
@@ -716,6 +723,28 @@ def open_data(
         num_workers=num_workers,
         drop_last=drop_last,
     )
+
+
+DEMO_PREFIX = "demo:"
+DEMO_SETS = ("digits", "nuclei", "ood")
+"""The bundled real data sets, named ``demo:<name>`` on the command line."""
+
+
+def demo_dataset(
+    spec: str, split: str = "train", *, size: int | None = None, as_rgb: bool | None = None
+) -> Dataset:
+    """The bundled data set named ``"demo:digits"``, ``"demo:nuclei"`` or ``"demo:ood"``."""
+    from .data import demo_classification, demo_ood, demo_segmentation
+
+    name = spec.removeprefix(DEMO_PREFIX)
+    if name == "digits":
+        return demo_classification(split, size=size, as_rgb=as_rgb)
+    if name == "nuclei":
+        return demo_segmentation(split, size=size)
+    if name == "ood":
+        return demo_ood(size=size, as_rgb=as_rgb)
+    names = ", ".join(DEMO_PREFIX + n for n in DEMO_SETS)
+    raise ValueError(f"unknown bundled data set {spec!r}; choose one of {names}")
 
 
 def _data_from_factory(spec: str, split: str, batch_size: int, shuffle: bool, seed: int):

@@ -160,7 +160,7 @@ def _top_k_mask(flat: Tensor, k: int) -> Tensor:
     # numpy's introselect finds the k-th largest score in O(N), faster than torch.topk
     threshold = float(np.partition(flat.numpy(), n - k)[n - k])
     mask = flat > threshold
-    missing = k - int(mask.sum())
+    missing = k - int(torch.count_nonzero(mask))
     if missing > 0:
         ties = (flat == threshold).nonzero().squeeze(1)[:missing]
         mask[ties] = True

@@ -320,11 +320,14 @@ class _Run:
 
 
 def _optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float):
-    """SGD; rho gets no weight decay (the KL term regularises it)."""
+    """SGD; rho gets no weight decay (the KL term regularises it): ours ``{name}_rho`` and
+    bayesian-torch's ``rho_weight``/``rho_kernel``/``rho_bias``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith("_rho") else decay).append(p)
+            leaf = name.rsplit(".", 1)[-1]
+            is_rho = leaf.endswith("_rho") or leaf.startswith("rho_")
+            (no_decay if is_rho else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -363,3 +363,20 @@ def test_open_data_npz_folder_and_factory(tmp_path):
 
 def _factory(split, batch_size):
     return (split, batch_size)
+
+
+def test_open_data_names_the_bundled_sets():
+    from bnnconvert.data import demo_classification, demo_segmentation
+    from bnnconvert.io import open_data
+
+    loader = open_data("demo:digits", "test", batch_size=500)
+    x, y = next(iter(loader))
+    reference = demo_classification("test")
+    assert x.shape == (500, 1, 28, 28)
+    assert torch.equal(y, torch.as_tensor(reference.labels[:, 0], dtype=torch.int64))
+    assert torch.equal(x[3], reference[3][0])
+    x, y = next(iter(open_data("demo:nuclei", "test", batch_size=4)))
+    assert x.shape == (4, 1, 64, 64) and torch.equal(y[0], demo_segmentation("test")[0][1])
+    assert len(open_data("demo:ood", "test", batch_size=10).dataset) == 500
+    with pytest.raises(ValueError, match=r"demo:digits, demo:nuclei, demo:ood"):
+        open_data("demo:chest", "test")
