@@ -20,6 +20,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
 
+docs: $(STAMP)  ## build the documentation site (strict) into site/
+	$(PY) -m mkdocs build --strict
+
 bench: $(STAMP)  ## speed and memory ratios, written to docs/benchmarks.md
 	$(PY) benchmarks/bench_core.py --markdown docs/benchmarks.md --json benchmarks/results.json
 

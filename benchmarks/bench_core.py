@@ -8,8 +8,8 @@ every entry of the last stage) and bayesian-torch's full ``dnn_to_bnn`` conversi
 - memory: parameters + buffers in bytes;
 - a training step (forward + backward + KL, one sample);
 - 5-sample prediction (eval, no grad), plain loop and hoisted (``mc_outputs``);
-- a 5-sample ELBO training step, plain loop and hoisted;
-- KL and one posterior draw of every Bayesian layer (with and without the copy of mu);
+- a 5-sample ELBO training step, plain loop and hoisted (``bnnconvert.elbo_loss``);
+- KL and one posterior draw of every Bayesian layer (copying, as prediction does it, noise only);
 - the saliency pass against a plain forward + backward over the same batches;
 - convert() time, and the peak memory of an in-place convert() of a ~100M-parameter model.
 
@@ -158,7 +158,8 @@ def state_bytes(model: nn.Module) -> int:
 
 
 def check_formula(det: nn.Module, v: Variant) -> bool:
-    """Parameters of ours = original + k; buffers = original + idx entries + 2 per layer."""
+    """Parameters of ours = original + k; buffers = original + idx entries + 2 per layer
+    (counts of entries; the bytes are in memory_ratio)."""
     layers = [m for _, m in bayesian_layers(v.model)]
     idx = sum(m._buffers[f"{n}_idx"].numel() for m in layers for n in m.bayes_names)
     params_ok = _count(v.model.parameters()) == _count(det.parameters()) + v.k
@@ -193,12 +194,16 @@ def step_fn(st: Setup, v: Variant) -> Callable[[], None]:
 
 
 def elbo_fn(st: Setup, v: Variant, hoist: bool) -> Callable[[], None]:
-    """A 5-sample ELBO step: mean NLL over the draws of ``mc_outputs`` + beta * KL."""
+    """A 5-sample ELBO step: ``bnnconvert.elbo_loss`` (hoisted) for ours with hoist, else
+    the plain loop: mean NLL over 5 forwards + beta * KL."""
 
     def run() -> None:
         _zero(v.model)
-        outs = mc_outputs(v.model, st.x, SAMPLES, hoist=hoist and v.kind == "ours")
-        nll = sum(st.loss(o, st.y) for o in outs) / SAMPLES
+        if hoist and v.kind == "ours":
+            loss = bnnconvert.elbo_loss(v.model, st.x, st.y, st.loss, beta=BETA, samples=SAMPLES)
+            loss.loss.backward()
+            return
+        nll = sum(st.loss(v.model(st.x), st.y) for _ in range(SAMPLES)) / SAMPLES
         (nll + BETA * _kl(v)).backward()
 
     return run
@@ -225,20 +230,22 @@ def kl_fn(v: Variant) -> Callable[[], None]:
     return run
 
 
-def sample_fn(v: Variant, copy_mu: bool) -> Callable[[], None]:
-    """One posterior draw of every Bayesian tensor: the full draw (noise + copy of mu) or
-    only the O(k) noise softplus(rho) * eps."""
+def sample_fn(v: Variant, how: str) -> Callable[[], None]:
+    """One posterior draw of every Bayesian tensor without grad: "draw" the copying draw
+    of training (noise + copy of mu), "predict" what a prediction forward does (in place
+    where the layer perturbs in place, and the write-back), "noise" only softplus(rho) * eps."""
     layers = [m for _, m in bayesian_layers(v.model)]
 
     def run() -> None:
         with torch.no_grad():
             for m in layers:
                 for n in m.bayes_names:
-                    if copy_mu:
-                        m.sample_parameter(n)
+                    if how == "noise":
+                        m.sample_noise(n)
+                    elif how == "predict" and m.perturbs_in_place(n):
+                        m._unperturb(n, m._perturb(n))
                     else:
-                        rho = m.bayes_rho(n)
-                        F.softplus(rho) * torch.randn_like(rho)
+                        m.sample_parameter(n)
 
     return run
 
@@ -370,8 +377,8 @@ def _cost_metrics(variants, res, repeats, sync) -> None:
     calls = {}
     for v in ours:
         calls[f"{v.name}|kl"] = kl_fn(v)
-        calls[f"{v.name}|draw"] = sample_fn(v, True)
-        calls[f"{v.name}|noise"] = sample_fn(v, False)
+        for how in ("draw", "predict", "noise"):
+            calls[f"{v.name}|{how}"] = sample_fn(v, how)
     times = measure(calls, repeats, sync)
     for key, ts in times.items():
         name, what = key.split("|")
@@ -415,16 +422,17 @@ def _saliency_metric(st: Setup, batches, repeats: int, sync) -> dict:
 
 
 def _convert_metric(st: Setup, sal, repeats: int) -> dict:
-    """Median seconds of convert(model, saliency, 0.01): a copy, and in place."""
+    """Median seconds of convert(model, saliency, 0.01): a copy, and in place (on the
+    ``--clock`` clock)."""
     copies, inplace = [], []
     for _ in range(max(3, repeats // 2)):
-        t0 = time.perf_counter()
+        t0 = _clock()
         bnnconvert.convert(st.model, sal, 0.01)
-        copies.append(time.perf_counter() - t0)
+        copies.append(_clock() - t0)
         fresh = copy.deepcopy(st.model)
-        t0 = time.perf_counter()
+        t0 = _clock()
         bnnconvert.convert(fresh, sal, 0.01, inplace=True)
-        inplace.append(time.perf_counter() - t0)
+        inplace.append(_clock() - t0)
     return {"copy_s": statistics.median(copies), "inplace_s": statistics.median(inplace)}
 
 
@@ -542,8 +550,10 @@ def markdown(meta: dict, results: list[ModelResult], tgt: list[dict], mem: list[
         "",
         "Ratios are medians of per-round ratios to the deterministic model in the same round:",
         "memory and training steps to the deterministic model's, predictions to ONE",
-        "deterministic forward. KL / draw / noise are absolute milliseconds (draw = noise +",
-        "the copy of mu made by index_add; noise = softplus(rho) * eps only).",
+        "deterministic forward. KL / draw / pred draw / noise are absolute milliseconds of",
+        "one draw of every Bayesian tensor (draw = noise + the copy of mu made by index_add,",
+        "as in training; pred draw = what a prediction forward does, in place for tensors",
+        "with k <= N/16; noise = softplus(rho) * eps only).",
         "",
     ]
     cols = [
@@ -557,6 +567,7 @@ def markdown(meta: dict, results: list[ModelResult], tgt: list[dict], mem: list[
         ("elbo5_hoisted_ratio", "ELBO 5 hoisted x", "{:.2f}"),
         ("kl_ms", "KL ms", "{:.2f}"),
         ("draw_ms", "draw ms", "{:.1f}"),
+        ("predict_ms", "pred draw ms", "{:.1f}"),
         ("noise_ms", "noise ms", "{:.1f}"),
     ]
     for res in results:

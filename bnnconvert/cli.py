@@ -19,15 +19,17 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .convert import bayes_summary
 from .convert import convert as convert_model
 from .io import (
@@ -59,6 +61,7 @@ log = logging.getLogger("bnnconvert")
 PLUGIN_COMMANDS: dict[str, str] = {
     "flops": "bnnconvert.flops_cli:flops",
     "benchmark": "bnnconvert.benchmark:benchmark_command",
+    "demo": "bnnconvert.demo:demo_command",
 }
 """Commands defined outside this module, as {name: "package.module:attribute"}.
 
@@ -484,12 +487,24 @@ Examples:
       --beta linear:0.2:0.01 -o out.pt
   bnnconvert train --arch bnnconvert.models:resnet18 \\
       --arch-kwargs num_classes=10,in_channels=1 --data digits.npz --epochs 3 -o det.pt
+  bnnconvert train bayes.pt --data digits.npz --epochs 50 --nproc 4 --device cuda \\
+      --amp bf16 -o out.pt
+  torchrun --nnodes 2 --nproc-per-node 4 ... -m bnnconvert train bayes.pt ... -o out.pt
 
 \b
 Resuming: the run state is kept in OUTPUT.ckpt (every epoch and every
 --checkpoint-every steps). Rerunning the same command after an interruption
 continues from it (same settings required); --restart discards it. It is deleted
-once OUTPUT is written."""
+once OUTPUT is written.
+
+\b
+Several processes: --nproc N starts N processes on this node through torchrun
+(gloo on the CPU; nccl with --device cuda, one GPU each); under an external
+torchrun or SLURM launch (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS set,
+and MASTER_ADDR/MASTER_PORT) the command joins that process group instead.
+Each process trains on its shard of the data (--batch-size per process) with
+its own posterior noise; the gradients are averaged; rank 0 writes the files.
+A run resumes on the same number of processes."""
 )
 @click.argument("model", required=False)
 @click.option("--data", required=True, help="Training data.")
@@ -528,6 +543,20 @@ once OUTPUT is written."""
     help="Also checkpoint every N steps (0: only at epoch ends).",
 )
 @click.option("--restart", is_flag=True, help="Discard the checkpoint of an earlier run.")
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Train in N processes on this node (torchrun; see below).",
+)
+@click.option(
+    "--amp",
+    default="none",
+    show_default=True,
+    type=click.Choice(["bf16", "fp16", "none"]),
+    help="Mixed precision of the forward passes (fp16 scales the loss; for GPUs).",
+)
 @model_options
 @data_options
 @output_option
@@ -548,6 +577,8 @@ def train(
     val_split: str | None,
     checkpoint_every: int,
     restart: bool,
+    nproc: int,
+    amp: str,
     output: str,
     **o: Any,
 ) -> None:
@@ -560,6 +591,16 @@ def train(
     _check_batch_size(o["batch_size"])
     if model is None and o["arch"] is None:
         raise click.UsageError("pass MODEL (a converted or trained model) or --arch to train one")
+    if nproc > 1:
+        _check_gpus(nproc, o["device"])
+        try:
+            distributed.launch(nproc, _command_line(ctx, drop={"nproc"}))
+        except RuntimeError as exc:  # a rank failed; it printed its error
+            raise click.ClickException(str(exc)) from None
+        return
+    ctx.with_resource(_process_group(o["device"]))  # left when the command ends
+    main_rank = distributed.is_main_process()
+    show = _progress(ctx) and main_rank
     seed_everything(o["seed"])  # a model built from --arch starts from seeded weights
     net = (
         _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
@@ -571,7 +612,7 @@ def train(
     validate = None
     if val_split:
         val = _loader(data, val_split, False, o)
-        validate = partial(_validation, val, task, samples, _progress(ctx))
+        validate = partial(_validation, val, task, samples, show, amp)
     ckpt = checkpoint_path_for(output)
     try:
         result = fit(
@@ -594,8 +635,9 @@ def train(
             checkpoint_every=checkpoint_every or None,
             resume=not restart,
             output=output,
-            progress=_progress(ctx),
+            progress=show,
             on_step=_kill_hook(),
+            amp=amp,
         )
     except KeyboardInterrupt:
         if not ckpt.exists():
@@ -604,14 +646,68 @@ def train(
             f"interrupted; the run state is in {ckpt}: rerun the same command to resume"
         ) from None
     last = result.history[-1] if result.history else {}
-    click.echo(
-        f"wrote {output}: "
-        + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "steps"))
-    )
+    if main_rank:
+        click.echo(
+            f"wrote {output}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("epoch", "steps"))
+        )
 
 
-def _validation(val: Iterable, task: str | None, samples: int, progress: bool, model):
-    return evaluate_model(model, val, task, samples=samples, progress=progress)[1]
+def _validation(val: Iterable, task: str | None, samples: int, progress: bool, amp: str, model):
+    return evaluate_model(model, val, task, samples=samples, progress=progress, amp=amp)[1]
+
+
+def _check_gpus(nproc: int, device: str) -> None:
+    if torch.device(device).type == "cuda" and nproc > torch.cuda.device_count():
+        raise click.BadParameter(
+            f"{nproc} processes need {nproc} GPUs with --device cuda, this node has "
+            f"{torch.cuda.device_count()}",
+            param_hint="--nproc",
+        )
+
+
+@contextmanager
+def _process_group(device: str) -> Iterator[None]:
+    """Within the block, this process is in the launcher's process group (if launched by
+    torchrun or SLURM); ranks other than 0 log warnings only."""
+    owned = distributed.init_from_env(device)
+    if not distributed.is_main_process():
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        if owned:
+            torch.distributed.destroy_process_group()
+
+
+def _command_line(ctx: click.Context, drop: set[str]) -> list[str]:
+    """The arguments (after the program name) that invoke ``ctx``'s command with the same
+    root and command options, without the parameters named in ``drop``."""
+    return [*_given_args(ctx.find_root(), set()), ctx.info_name, *_given_args(ctx, drop)]
+
+
+def _given_args(ctx: click.Context, drop: set[str]) -> list[str]:
+    """Command-line arguments giving ``ctx``'s parameters that were not defaults."""
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if param.name in drop or source in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            arguments.append(str(value))
+        elif param.count:
+            options += [param.opts[0]] * value
+        elif param.is_flag:
+            names = param.opts if value or not param.secondary_opts else param.secondary_opts
+            options += [names[0]] if value or param.secondary_opts else []
+        else:  # dicts (--arch-kwargs) as a dict literal, floats exactly
+            options += [
+                param.opts[0],
+                repr(value) if isinstance(value, (dict, float)) else str(value),
+            ]
+    return [*options, *(["--", *arguments] if arguments else [])]
 
 
 def _kill_hook() -> Callable | None:

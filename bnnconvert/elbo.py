@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .hoist import mc_samples
 from .layers import bayesian_layers
 from .saliency import LossFn, default_loss
 
@@ -182,10 +183,15 @@ def elbo_loss(
         samples: S, the number of posterior samples (the paper uses 5).
         kl_reduction: "mean" (bayesian-torch convention, default) or "sum".
 
+    The S forwards go through :func:`bnnconvert.hoist.mc_samples`: where torch.fx can
+    trace the model, the part that no Bayesian entry influences runs forward (and, in
+    ``backward()``, backward) once, and only the rest S times; the draws and losses equal
+    the plain loop's under the same seed, the gradients up to float summation order.
+
     Call ``terms.loss.backward()``; ``terms.nll``/``terms.kl`` are for logging.
     """
     _check_positive_int(samples=samples)
     loss_fn = loss_fn or default_loss
-    nll = sum(loss_fn(model(inputs), targets) for _ in range(samples)) / samples
+    nll = sum(loss_fn(out, targets) for out in mc_samples(model, inputs, samples)) / samples
     kl = kl_loss(model, kl_reduction)
     return ELBOTerms(nll + beta * kl, nll, kl)

@@ -29,8 +29,10 @@ reductions and average pooling (sum, mean,  1 per input element.
 avg_pool, adaptive_avg_pool)
 scaled_dot_product_attention and            the products as multiply-adds (scaled by the
 nn.MultiheadAttention's fused fast path     convention), the softmax 1 per score.
-index_add (the scatter of the noise onto    1 per scattered element (k additions). The
-the selected entries of mu)                 out-of-place copy of mu it starts from is
+index_add, index_add_ (the scatter of the   1 per scattered element (k additions). The
+noise onto the selected entries of mu)      out-of-place copy of mu it starts from, and
+                                            the gather/write-back of the in-place
+                                            variant (index_select, index_copy_), are
                                             memory traffic, not arithmetic: 0 FLOPs.
 comparisons and selection (relu, max_pool,  0, following fvcore, which already ignores
 hardtanh, clamp, max), shape and memory ops relu, clamp, max, cat, view, reshape, index,
@@ -109,7 +111,7 @@ _ZERO_OPS = (
     "relu", "relu_", "hardtanh", "hardtanh_", "max_pool1d", "max_pool2d", "max_pool3d",
     "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "view_as", "reshape_as", "expand_as", "clone", "where",
-    "unflatten",
+    "unflatten", "index_select", "index_copy", "index_copy_", "index_put",
 )  # fmt: skip
 
 SAMPLING_SCOPE = "flops_sampling_scope"
@@ -169,6 +171,7 @@ def _op_handles() -> dict[str, Callable | None]:
     handles.update({f"aten::{op}": None for op in _ZERO_OPS})
     handles.update({
         "aten::index_add": _index_add,
+        "aten::index_add_": _index_add,  # prediction's in-place perturbation of mu
         "aten::baddbmm": _baddbmm,
         "aten::scaled_dot_product_attention": _attention,
         "aten::_native_multi_head_attention": _native_mha,

@@ -1,9 +1,9 @@
 """Monte Carlo forward passes: S posterior samples of a model's output, with hoisting.
 
-``mc_outputs`` is the one entry point through which prediction and ELBO training draw
-samples. Where torch.fx can trace the model, the part of the graph that no stochastic
-operation can influence (the *prefix*) is computed once, and only the rest (the *suffix*)
-runs once per sample::
+``mc_outputs`` (stacked) and ``mc_samples`` (one output at a time, any output type) are
+the entry points through which prediction and ELBO training draw samples. Where torch.fx
+can trace the model, the part of the graph that no stochastic operation can influence (the
+*prefix*) is computed once, and only the rest (the *suffix*) runs once per sample::
 
     x --prefix, once--> hoisted tensors --suffix, S times in order--> (S, *out)
 
@@ -46,6 +46,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, fx, nn
@@ -54,7 +55,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .layers import BayesianLayer, BayesianOwner
 
-__all__ = ["hoist_plan", "mc_outputs"]
+__all__ = ["hoist_plan", "mc_outputs", "mc_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ _INPLACE_OPERATORS = frozenset(
     }
 )  # fmt: skip
 _CALLS = ("call_module", "call_function", "call_method")
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+"""Wrappers never traced (torch.compile's OptimizedModule is recognised by ``_orig_mod``)."""
 
 
 # ------------------------------------------------------------------------ public
@@ -107,12 +110,24 @@ def mc_outputs(model: nn.Module, x: Tensor, samples: int, *, hoist: bool | None 
     Returns a tensor of shape (S, *output_shape), sample s being the s-th forward of the
     plain loop under the same seed. Gradients flow when grad mode is on (usable in training).
     """
+    return torch.stack(list(mc_samples(model, x, samples, hoist=hoist)))
+
+
+def mc_samples(
+    model: nn.Module, x: Tensor, samples: int, *, hoist: bool | None = None
+) -> Iterator[Any]:
+    """The ``samples`` stochastic outputs of ``model`` on ``x``, one at a time, in order.
+
+    Like :func:`mc_outputs` (same arguments, same hoisting, same draws) without stacking:
+    the outputs may be of any type ``model`` returns. The hoisted prefix runs at the first
+    ``next()``; consume the iterator before changing the model.
+    """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     plan = hoist_plan(model, loud=hoist is True) if hoist is not False else None
     if plan is None:
-        return torch.stack([model(x) for _ in range(samples)])
-    return plan.run(x, samples)
+        return (model(x) for _ in range(samples))
+    return plan.iterate(x, samples)
 
 
 @dataclass
@@ -132,11 +147,12 @@ class HoistPlan:
     norms: tuple[_BatchNorm, ...]
     attrs: tuple[tuple[str, object], ...]
 
-    def run(self, x: Tensor, samples: int) -> Tensor:
-        """The prefix once, the suffix ``samples`` times; returns (S, *output_shape)."""
+    def iterate(self, x: Tensor, samples: int) -> Iterator[Any]:
+        """The prefix once, then the suffix's output for each of ``samples`` draws."""
         with _repeated_norm_updates(self.norms, samples):
             hoisted = self.prefix(x)
-        return torch.stack([self.suffix(*hoisted) for _ in range(samples)])
+        for _ in range(samples):
+            yield self.suffix(*hoisted)
 
     def is_current(self, model: nn.Module) -> bool:
         """True while every object the graphs captured is still the model's."""
@@ -411,6 +427,10 @@ def _suffix_nodes(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[fx.Node
 
 def _build_plan(model: nn.Module) -> HoistPlan | str:
     """Trace and split ``model``; a string says why it cannot be hoisted."""
+    if isinstance(model, _WRAPPERS) or hasattr(model, "_orig_mod"):
+        # their forward does work of its own (gradient synchronisation, scattering,
+        # compiled code) that a traced graph of the wrapped module would skip
+        return f"{type(model).__name__} wraps the model (run hoisting on the model itself)"
     traced = _trace(model)
     if isinstance(traced, str):
         return traced

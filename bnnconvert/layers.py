@@ -8,12 +8,21 @@ device, requires_grad) survive untouched. For each parameter tensor ``name`` ("w
 
 - ``name``: the posterior mean mu, the pretrained tensor itself, under its original key;
 - ``name_rho``: Parameter of shape (k,), sigma = softplus(rho) for the k selected entries;
-- ``name_idx``: int64 buffer of shape (k,), the flat indices of those entries
-  (empty when every entry is selected, the dense case);
+- ``name_idx``: buffer of shape (k,), the flat indices of those entries, int32 when the
+  parameter has fewer than 2**31 entries, else int64 (empty when every entry is selected,
+  the dense case); checkpoints with int64 indices load into either;
 
 and one float64 buffer ``bayes_prior`` = (prior_mu, prior_sigma). Deterministic entries
-carry no noise. Each forward draws fresh noise: w = mu + scatter(idx, sigma * eps), an
-O(k) sampling cost on top of the copy of mu.
+carry no noise. Each forward draws fresh noise, sigma * eps for the k entries, and uses
+w = mu + scatter(idx, sigma * eps):
+
+- with gradients (training), w is a new tensor (a copy of mu plus the O(k) scatter), so
+  gradients flow to mu and rho;
+- without gradients (prediction, ``torch.no_grad``/``inference_mode``) and k <= N / 16,
+  mu itself is perturbed in place for the duration of the forward and its k original
+  values are written back afterwards (bit-identical; autograd's version counter is not
+  touched): O(k) memory and time. The samples equal those of the copying path under the
+  same seed.
 
 Some modules read a child layer's parameters directly instead of calling it
 (``nn.MultiheadAttention`` reads ``out_proj.weight``; ``nn.TransformerEncoderLayer``'s
@@ -50,6 +59,11 @@ PARAM_NAMES = ("weight", "bias")
 DIRECT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 _MIN_SIGMA = 1e-6
+
+INPLACE_MAX_FRACTION = 1 / 16
+"""Without gradients, a tensor with k <= INPLACE_MAX_FRACTION * numel Bayesian entries is
+perturbed in place; denser ones are copied (a copy of mu is then cheaper than the
+gather + scatter + write-back of k entries)."""
 
 
 def is_convertible(module: nn.Module) -> bool:
@@ -116,6 +130,10 @@ class BayesianLayer:
             return torch.arange(self._parameters[name].numel(), device=idx.device)
         return idx
 
+    def is_dense(self, name: str) -> bool:
+        """True if every entry of ``name`` is Bayesian (no index is stored)."""
+        return self.bayes_rho(name).numel() == self._parameters[name].numel()
+
     def bayes_mask(self, name: str) -> Tensor:
         """Boolean mask of the Bayesian entries of ``name``, shape of the parameter."""
         mu = self._parameters[name]
@@ -130,19 +148,54 @@ class BayesianLayer:
         sigma[self.bayes_index(name)] = F.softplus(self.bayes_rho(name)).detach().to(mu.dtype)
         return sigma.view(mu.shape)
 
+    def sample_noise(self, name: str) -> Tensor:
+        """sigma * eps for the selected entries of ``name``, shape (k,), in mu's dtype.
+
+        Draws k standard normals (``randn_like(rho)``); gradients flow to rho.
+        """
+        rho = self.bayes_rho(name)
+        return (F.softplus(rho) * torch.randn_like(rho)).to(self._parameters[name].dtype)
+
     def sample_parameter(self, name: str) -> Tensor:
         """One posterior draw of ``name``: mu + sigma * eps on the selected entries.
 
-        Returns a tensor of the parameter's shape; gradients flow to mu and rho.
+        Returns a new tensor of the parameter's shape; gradients flow to mu and rho.
         """
         mu = self._parameters[name]
-        rho = self.bayes_rho(name)
-        noise = F.softplus(rho) * torch.randn_like(rho)
-        noise = noise.to(mu.dtype)
-        if rho.numel() == mu.numel():  # dense: every entry is Bayesian
+        noise = self.sample_noise(name)
+        if self.is_dense(name):
             return mu + noise.view(mu.shape)
         idx = self._buffers[f"{name}_idx"]
         return mu.reshape(-1).index_add(0, idx, noise).view(mu.shape)
+
+    def perturbs_in_place(self, name: str) -> bool:
+        """True if a forward now would add the noise to mu in place (see the module
+        docstring): no gradient mode, no tracing or compiling, a contiguous mu and
+        k <= INPLACE_MAX_FRACTION * numel."""
+        mu = self._parameters[name]
+        return (
+            not torch.is_grad_enabled()
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and mu.is_contiguous()
+            and not mu.is_inference()
+            and self.bayes_rho(name).numel() <= INPLACE_MAX_FRACTION * mu.numel()
+        )
+
+    def _perturb(self, name: str) -> Tensor:
+        """Add one draw of noise to mu's selected entries in place; returns their original
+        values (k,) for :meth:`_unperturb`. Works on ``mu.data``: autograd's version
+        counter of mu is left alone, since mu is bit-identical again afterwards."""
+        flat = self._parameters[name].data.view(-1)
+        idx = self._buffers[f"{name}_idx"]
+        original = flat.index_select(0, idx)
+        flat.index_add_(0, idx, self.sample_noise(name))
+        return original
+
+    def _unperturb(self, name: str, original: Tensor) -> None:
+        """Write back the values returned by :meth:`_perturb`."""
+        idx = self._buffers[f"{name}_idx"]
+        self._parameters[name].data.view(-1).index_copy_(0, idx.long(), original)
 
     # ----------------------------------------------------------------- KL
     def kl_loss(self, reduction: str = "mean") -> Tensor:
@@ -160,8 +213,8 @@ class BayesianLayer:
             rho = self.bayes_rho(name)
             dtype = torch.promote_types(rho.dtype, torch.float32)
             mu = self._parameters[name].reshape(-1)
-            if rho.numel() != mu.numel():
-                mu = mu[self._buffers[f"{name}_idx"]]
+            if not self.is_dense(name):
+                mu = mu.index_select(0, self._buffers[f"{name}_idx"])
             kl = gaussian_kl(
                 mu.to(dtype), F.softplus(rho.to(dtype)), prior[0].to(dtype), prior[1].to(dtype)
             )
@@ -169,9 +222,12 @@ class BayesianLayer:
             total = term if total is None else total + term
         return total
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
         """Adopt the selection stored in ``state_dict``: rho and idx are resized to the
-        checkpoint's k before loading, so a model converted with other masks loads it."""
+        checkpoint's k before loading, so a model converted with other masks loads it.
+        Indices of another integer dtype (int64 checkpoints) are checked and converted."""
         for name in self.bayes_names:
             for key, store in ((f"{name}_rho", self._parameters), (f"{name}_idx", self._buffers)):
                 saved = state_dict.get(prefix + key)
@@ -181,7 +237,22 @@ class BayesianLayer:
                     store[key] = (
                         nn.Parameter(new, old.requires_grad) if key.endswith("_rho") else new
                     )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            key = prefix + f"{name}_idx"
+            saved, idx = state_dict.get(key), self._buffers[f"{name}_idx"]
+            if saved is not None and saved.dtype != idx.dtype:
+                numel = self._parameters[name].numel()
+                if saved.is_floating_point() or (
+                    saved.numel() and (int(saved.min()) < 0 or int(saved.max()) >= numel)
+                ):
+                    errors.append(
+                        f"{key}: the stored indices are not integers in [0, {numel}); the "
+                        "checkpoint is damaged or belongs to another architecture"
+                    )
+                    continue
+                state_dict[key] = saved.to(idx.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -213,23 +284,39 @@ def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: Tensor
     )
 
 
-def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> list[tuple[BayesianLayer, dict]]:
-    """Put a fresh posterior sample in place of mu in each layer; return what to restore."""
-    saved = []
-    for layer in layers:
-        if not layer.bayes_sampling or layer._bayes_active:
-            continue
-        samples = {name: layer.sample_parameter(name) for name in layer.bayes_names}
-        params = layer._parameters
-        saved.append((layer, {name: params[name] for name in samples}))
-        params.update(samples)
-        layer._bayes_active = True
+_Saved = list[tuple[BayesianLayer, dict[str, Tensor], dict[str, Tensor]]]
+
+
+def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> _Saved:
+    """Give each layer a fresh posterior sample in place of mu: a new tensor swapped in, or
+    mu perturbed in place (see :meth:`BayesianLayer.perturbs_in_place`). Returns what
+    :func:`_restore` needs: (layer, swapped-out mus, original values of perturbed mus)."""
+    saved: _Saved = []
+    try:
+        for layer in layers:
+            if not layer.bayes_sampling or layer._bayes_active:
+                continue
+            swapped, perturbed = {}, {}
+            saved.append((layer, swapped, perturbed))
+            layer._bayes_active = True
+            for name in layer.bayes_names:  # one draw per tensor, in this order either way
+                if layer.perturbs_in_place(name):
+                    perturbed[name] = layer._perturb(name)
+                else:
+                    sample = layer.sample_parameter(name)
+                    swapped[name] = layer._parameters[name]
+                    layer._parameters[name] = sample
+    except BaseException:
+        _restore(saved)
+        raise
     return saved
 
 
-def _restore(saved: list[tuple[BayesianLayer, dict]]) -> None:
-    for layer, originals in saved:
-        layer._parameters.update(originals)
+def _restore(saved: _Saved) -> None:
+    for layer, swapped, perturbed in saved:
+        layer._parameters.update(swapped)
+        for name, original in perturbed.items():
+            layer._unperturb(name, original)
         layer._bayes_active = False
 
 
@@ -304,9 +391,9 @@ def make_bayesian(
         mu = module._parameters[name]
         sel = flat[name]
         dense = bool(sel.all())
-        idx = torch.empty(0, dtype=torch.long, device=mu.device)
+        idx = torch.empty(0, dtype=index_dtype(mu.numel()), device=mu.device)
         if not dense:
-            idx = sel.nonzero().squeeze(1)
+            idx = sel.nonzero().squeeze(1).to(idx.dtype)
         mu_sel = mu.detach().reshape(-1) if dense else mu.detach().reshape(-1)[idx]
         rho = _initial_rho(mu_sel, rho_init, moped_delta)
         module.register_parameter(f"{name}_rho", nn.Parameter(rho))
@@ -318,6 +405,11 @@ def make_bayesian(
     module._bayes_active = False
     module.__class__ = _subclass(BayesianLayer, type(module))
     return module
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype of the flat indices into a tensor of ``numel`` entries: int32 if it fits."""
+    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def _initial_rho(mu_sel: Tensor, rho_init: float, moped_delta: float | None) -> Tensor:

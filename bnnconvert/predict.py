@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -32,10 +32,36 @@ from tqdm.auto import tqdm
 from .hoist import mc_outputs
 from .layers import bayesian_layers
 
-__all__ = ["Prediction", "mean_weights", "predict", "predict_batches", "uncertainty_terms"]
+__all__ = [
+    "AMP_DTYPES",
+    "Prediction",
+    "amp_autocast",
+    "mean_weights",
+    "predict",
+    "predict_batches",
+    "uncertainty_terms",
+]
 
 Activation = Literal["softmax", "sigmoid", "none"]
 ACTIVATIONS = ("softmax", "sigmoid", "none")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+"""Mixed precision names: "bf16" (CPU and recent GPUs), "fp16" (GPUs; train with a
+GradScaler). "none" or None: full precision."""
+
+
+def amp_autocast(device: torch.device | str | None, amp: str | None) -> AbstractContextManager[Any]:
+    """``torch.autocast`` on ``device``'s type in the precision ``amp`` names ("bf16",
+    "fp16"), or a null context for None / "none".
+
+    Under it, convolutions and matrix products run in half precision; the posterior
+    samples (mu + sigma * eps), sigma and the KL stay in the parameters' float32.
+    """
+    if amp is None or amp == "none":
+        return nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or 'none', got {amp!r}")
+    device_type = torch.device(device).type if device is not None else "cpu"
+    return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
 
 
 @contextmanager
@@ -323,6 +349,7 @@ def predict_batches(
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
     progress: bool | None = None,
+    amp: str | None = None,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per batch (with its ``targets`` when batches are pairs).
 
@@ -332,12 +359,13 @@ def predict_batches(
     computed; the model's modes are restored before each yield.
     """
     _check_args(samples, activation)
+    amp_autocast(None, amp)  # checks the name now, not at the first batch
     device = _model_device(model) if device is None else torch.device(device)
     batches = _batches(data, batch_size)
     single = isinstance(data, Tensor) and batch_size is None
     disable = (not progress) if progress is not None else (True if single else None)
     batches = tqdm(batches, desc="predict", unit="batch", disable=disable)
-    return _stream(model, batches, samples, activation, keep_samples, device, output_device)
+    return _stream(model, batches, samples, activation, keep_samples, device, output_device, amp)
 
 
 def _stream(
@@ -348,13 +376,15 @@ def _stream(
     keep_samples: bool,
     device: torch.device | None,
     output_device: torch.device | str | None,
+    amp: str | None,
 ) -> Iterator[Prediction]:
     for batch in batches:
         x, target = _split_batch(batch)
         if device is not None:
             x = x.to(device, non_blocking=True)
-        with _eval_mode(model), torch.no_grad():
-            summary = _summarise(mc_outputs(model, x, samples), activation)
+        with _eval_mode(model), torch.no_grad(), amp_autocast(x.device, amp):
+            outputs = mc_outputs(model, x, samples)
+        summary = _summarise(outputs, activation)
         if not keep_samples:
             summary["samples"] = None
         if output_device is not None:
@@ -375,6 +405,7 @@ def predict(
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
     progress: bool | None = None,
+    amp: str | None = None,
 ) -> Prediction:
     """Monte Carlo prediction of ``model`` on ``x`` with ``samples`` posterior samples.
 
@@ -400,6 +431,9 @@ def predict(
         output_device: where the results are gathered (e.g. "cpu" for a GPU model on a
             large test set); default where they were computed.
         progress: show a tqdm bar over batches; None shows one for iterables on a terminal.
+        amp: "bf16" or "fp16" runs the forward passes under ``torch.autocast`` on the
+            batches' device (:func:`amp_autocast`); the probabilities and uncertainty are
+            computed in float32 from the half-precision outputs. None: full precision.
 
     Returns a :class:`Prediction`; see its docstring for the shapes.
     """
@@ -413,5 +447,6 @@ def predict(
         device=device,
         output_device=output_device,
         progress=progress,
+        amp=amp,
     )
     return Prediction.cat(parts)

@@ -24,6 +24,14 @@ batch order, skips the batches already trained on (they are loaded, not trained 
 restores the current RNG states and continues: on the same machine and thread count it
 reproduces the uninterrupted run exactly. The checkpoint is removed once the final
 ``output`` is written.
+
+Several processes: under an initialised torch.distributed process group of two or more
+processes, :func:`train` trains with DistributedDataParallel (the data sharded, each rank
+with its own posterior noise, rank 0 writing the files); see :mod:`bnnconvert.distributed`
+for what changes and how to launch it. Mixed precision: ``amp="bf16"`` or ``"fp16"`` runs
+the forward passes under ``torch.autocast`` (sigma, the samples' noise and the KL stay in
+float32); "fp16" scales the loss with a ``torch.amp.GradScaler`` (its state is in the
+checkpoint).
 """
 
 from __future__ import annotations
@@ -45,11 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .elbo import BetaSchedule, elbo_loss
 from .io import check_output_path, save
 from .layers import bayesian_layers
-from .predict import Prediction, _eval_mode, mean_weights, predict
-from .saliency import LossFn, _unpack, atomic_torch_save, default_loss
+from .predict import Prediction, _eval_mode, amp_autocast, mean_weights, predict
+from .saliency import LossFn, _unpack, atomic_torch_save, default_loss, is_main_process
 
 __all__ = [
     "TASKS",
@@ -188,6 +197,7 @@ def evaluate_model(
     samples: int = 5,
     device: str | torch.device | None = None,
     progress: bool = False,
+    amp: str | None = None,
 ) -> tuple[Prediction, dict[str, float]]:
     """Monte Carlo prediction on ``data`` and every metric of the task.
 
@@ -197,7 +207,7 @@ def evaluate_model(
         data: (input, target) batches.
         task: "multiclass", "multilabel" or "segmentation"; default ``data.dataset.task``,
             else "multiclass".
-        samples, device, progress: see :func:`~bnnconvert.predict`.
+        samples, device, progress, amp: see :func:`~bnnconvert.predict`.
 
     Returns (the :class:`~bnnconvert.predict.Prediction` without per-sample probabilities,
     {metric: value} as :func:`bnnconvert.metrics.evaluate` gives it).
@@ -217,6 +227,7 @@ def evaluate_model(
         device=device,
         output_device="cpu",
         progress=progress,
+        amp=amp,
     )
     return prediction, evaluate(prediction, task=task)
 
@@ -302,13 +313,44 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------- the run
+class _Objective(nn.Module):
+    """One training step's loss as a module: ``forward(x, y, beta)`` returns (loss, nll, kl)
+    of :func:`~bnnconvert.elbo.elbo_loss` (S posterior samples and the KL).
+
+    Under torch.distributed it is what DistributedDataParallel wraps: the S forwards and
+    the KL of a step run in one DDP forward, so the backward averages the gradients of mu
+    and rho over the ranks once per step.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, samples: int, kl_reduction: str):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.samples = samples
+        self.kl_reduction = kl_reduction
+
+    def forward(self, x: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+        terms = elbo_loss(
+            self.model,
+            x,
+            y,
+            self.loss_fn,
+            beta=beta,
+            samples=self.samples,
+            kl_reduction=self.kl_reduction,
+        )
+        return terms.loss, terms.nll.detach(), terms.kl.detach()
+
+
 @dataclass
 class _Run:
     """The state of one training run, everything a checkpoint must hold."""
 
-    model: nn.Module
+    model: nn.Module  # the user's model, unwrapped: what checkpoints and output hold
+    objective: nn.Module  # _Objective(model), in DDP under torch.distributed
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler  # enabled for amp="fp16" only
     fingerprint: dict[str, Any]
     epoch: int = 0
     step: int = 0
@@ -352,7 +394,7 @@ def _beta(beta: BetaSchedule | str | float, epochs: int, num_batches: int | None
     return BetaSchedule.constant(float(beta))
 
 
-def _check_args(epochs, samples, lr, checkpoint_every, kl_reduction) -> None:
+def _check_args(epochs, samples, lr, checkpoint_every, kl_reduction, amp) -> None:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
@@ -363,6 +405,19 @@ def _check_args(epochs, samples, lr, checkpoint_every, kl_reduction) -> None:
         raise ValueError(f"checkpoint_every must be >= 1 steps, got {checkpoint_every}")
     if kl_reduction not in ("mean", "sum"):
         raise ValueError(f"kl_reduction must be 'mean' or 'sum', got {kl_reduction!r}")
+    amp_autocast(None, amp)  # raises for an unknown precision
+
+
+def _warn_if_not_joined() -> None:
+    """A launcher started several processes but torch.distributed was not initialised."""
+    env = distributed.launch_env()
+    if env is not None and env[1] > 1 and not distributed.is_distributed():
+        log.warning(
+            "started as rank %d of %d but torch.distributed is not initialised: this process "
+            "trains alone on all the data; call bnnconvert.distributed.init_from_env() first",
+            env[0],
+            env[1],
+        )
 
 
 def checkpoint_path_for(output: str | os.PathLike) -> Path:
@@ -396,6 +451,7 @@ def train(
     output: str | os.PathLike | None = None,
     progress: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
+    amp: str | None = None,
 ) -> TrainResult:
     """Train ``model`` in place: plain NLL if it has no Bayesian layer, else the ELBO.
 
@@ -415,8 +471,12 @@ def train(
         lr, momentum, weight_decay: SGD (the paper: lr 0.01, weight decay 1e-5).
         lr_schedule: "constant" (the paper) or "cosine" (annealed per epoch to 0).
         validate: called with the model after every epoch; its metrics join the history.
-        device: where to train (default: where the model is).
-        seed: seeds torch, numpy and Python's RNGs when the run starts (not on resume).
+        device: where to train (default: where the model is); under a launcher a bare
+            "cuda" is this process's GPU, ``cuda:LOCAL_RANK``.
+        seed: seeds torch, numpy and Python's RNGs when the run starts (not on resume);
+            rank r of a process group is seeded with
+            :func:`~bnnconvert.distributed.rank_seed` (seed, r), and the data order of a
+            sharded DataLoader follows ``seed`` on every rank.
         checkpoint: file of the resumable run state (see the module docstring).
         checkpoint_every: also write it every this many optimiser steps.
         resume: continue from ``checkpoint`` if it exists (its settings must match).
@@ -424,18 +484,26 @@ def train(
             then delete ``checkpoint``.
         progress: tqdm bars over batches; per-epoch summaries go to ``logging`` (INFO).
         on_step: called with a :class:`StepInfo` after every optimiser step.
+        amp: "bf16" or "fp16": mixed precision (see the module docstring); None: float32.
+
+    Under an initialised torch.distributed process group of two or more processes, every
+    rank calls :func:`train` with the same arguments; see :mod:`bnnconvert.distributed`.
+    The metrics of ``on_step`` and the history are then means over the ranks.
 
     Returns a :class:`TrainResult`.
     """
-    _check_args(epochs, samples, lr, checkpoint_every, kl_reduction)
+    _check_args(epochs, samples, lr, checkpoint_every, kl_reduction, amp)
     for path in (output, checkpoint):
         if path is not None:
             check_output_path(path)
+    _warn_if_not_joined()
+    device = distributed.rank_device(device)
     if device is not None:
         model.to(device)
     bayesian = any(True for _ in bayesian_layers(model))
     task = task or data_task(data)
     loss_fn = loss_fn or task_loss(task, class_weights)
+    data = distributed.shard(data, seed)
     check_fit(model, data, loss_fn, task)
     num_batches = len(data) if hasattr(data, "__len__") else None
     if num_batches == 0:
@@ -448,59 +516,96 @@ def train(
         "momentum": momentum, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
         "beta": schedule.description, "samples": samples, "kl_reduction": kl_reduction,
         "num_batches": num_batches, "seed": seed, "task": task,
+        "world_size": distributed.world()[1], "amp": None if amp == "none" else amp,
     }  # fmt: skip
-    run = _Run(model, optimizer, _scheduler(optimizer, lr_schedule, epochs), fingerprint)
-    resumed = _start(run, data, checkpoint if resume else None, seed)
-    step_fn = partial(
-        _step, loss_fn=loss_fn, schedule=schedule, samples=samples, kl_reduction=kl_reduction
+    where = next(model.parameters()).device
+    run = _Run(
+        model,
+        _Objective(model, loss_fn, samples, kl_reduction),
+        optimizer,
+        _scheduler(optimizer, lr_schedule, epochs),
+        torch.amp.GradScaler(where.type, enabled=amp == "fp16"),
+        fingerprint,
     )
+    resumed = _start(run, data, checkpoint if resume else None, seed)
+    run.objective = distributed.wrap(run.objective, where)
+    step_fn = partial(_step, schedule=schedule, amp=amp)
+    progress = progress and is_main_process()
     while run.epoch < epochs:
         _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_step)
         _end_epoch(run, validate)
         if checkpoint is not None:
             _write_checkpoint(run, Path(checkpoint), data)
+    distributed.broadcast_buffers(model)  # every rank returns rank 0's model
     if output is not None:
-        save(model, output)
-        if checkpoint is not None:
+        save(model, output)  # rank 0 only
+        if checkpoint is not None and is_main_process():
             Path(checkpoint).unlink(missing_ok=True)
+    distributed.barrier()  # every rank returns once the output is written
     return TrainResult(model, run.history, resumed)
 
 
 def _start(run: _Run, data: Iterable, checkpoint, seed: int | None) -> tuple[int, int] | None:
-    """Restore the run from ``checkpoint`` if it exists (returns where it was), else seed."""
-    if checkpoint is not None and Path(checkpoint).exists():
+    """Restore the run from ``checkpoint`` if it exists (returns where it was), else seed
+    (each rank of a process group with its own seed)."""
+    if checkpoint is not None and _checkpoint_exists(Path(checkpoint)):
         _restore(run, Path(checkpoint), data)
-        log.info("resuming from %s at epoch %d, step %d (to start afresh: --restart, "
-                 "resume=False)", checkpoint, run.epoch + 1, run.step)  # fmt: skip
+        if is_main_process():
+            log.info("resuming from %s at epoch %d, step %d (to start afresh: --restart, "
+                     "resume=False)", checkpoint, run.epoch + 1, run.step)  # fmt: skip
         return run.epoch, run.step
-    if seed is not None:
+    rank, size = distributed.world()
+    if size > 1:  # without a seed, every process would start from torch's default seed
+        seed_everything(distributed.rank_seed(torch.initial_seed() if seed is None else seed, rank))
+    elif seed is not None:
         seed_everything(seed)
     f = run.fingerprint
     loss = f"ELBO, {f['samples']} samples, beta {f['beta']}" if f["mode"] == "elbo" else "NLL"
-    log.info("training for %d epochs of %s batches: %s", f["epochs"], f["num_batches"], loss)
+    if is_main_process():
+        on = f" on each of {size} processes" if size > 1 else ""
+        log.info("training for %d epochs of %s batches%s: %s", f["epochs"], f["num_batches"],
+                 on, loss)  # fmt: skip
     return None
 
 
-def _step(model, x, y, optimizer, epoch, step, *, loss_fn, schedule, samples, kl_reduction):
-    beta = schedule(epoch, step)
-    terms = elbo_loss(model, x, y, loss_fn, beta=beta, samples=samples, kl_reduction=kl_reduction)
-    if not torch.isfinite(terms.loss):
-        raise FloatingPointError(
-            f"the training loss became {terms.loss.item()} at epoch {epoch + 1}, batch "
-            f"{step + 1}; lower the learning rate (--lr) or beta, or check the data for NaN"
+def _checkpoint_exists(path: Path) -> bool:
+    """Whether ``path`` exists; under torch.distributed, the same answer on every rank."""
+    seen = distributed.gather(path.exists())
+    if len(set(seen)) > 1:
+        raise ValueError(
+            f"the checkpoint {path} exists for ranks {[r for r, s in enumerate(seen) if s]} "
+            "only; put it on a file system that every rank reads, or delete it (--restart)"
         )
-    optimizer.zero_grad(set_to_none=True)
-    terms.loss.backward()
-    optimizer.step()
-    return {"loss": terms.loss.item(), "nll": terms.nll.item(), "kl": terms.kl.item(), "beta": beta}
+    return seen[0]
+
+
+def _step(run: _Run, x: Tensor, y: Tensor, *, schedule: BetaSchedule, amp: str | None):
+    """One optimiser step; returns its metrics (means over the ranks)."""
+    beta = schedule(run.epoch, run.step)
+    with amp_autocast(x.device, amp):
+        loss, nll, kl = run.objective(x, y, beta)
+    values = distributed.mean_over_ranks({"loss": loss.item(), "nll": nll.item(), "kl": kl.item()})
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(
+            f"the training loss became {values['loss']} at epoch {run.epoch + 1}, batch "
+            f"{run.step + 1}; lower the learning rate (--lr) or beta, or check the data for NaN"
+            + ("; with fp16, try bf16" if amp == "fp16" else "")
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return {**values, "beta": beta}
 
 
 def _epoch_batches(run: _Run, data: Iterable) -> Iterator:
     """The epoch's batches from ``run.step`` on.
 
     On resume: the epoch-start RNG states re-create the epoch's order (the data's
-    generators are drawn from only by the iterator), the batches already trained on are
-    skipped, then the other RNGs are set to their states at the checkpoint."""
+    generators are drawn from only by the iterator, a DistributedSampler's order follows
+    its seed and the epoch), the batches already trained on are skipped, then the other
+    RNGs are set to their states at the checkpoint."""
+    distributed.set_epoch(data, run.epoch)
     if run.rng is None:
         run.epoch_rng = _rng_state(data)
         return iter(data)
@@ -514,9 +619,8 @@ def _epoch_batches(run: _Run, data: Iterable) -> Iterator:
 
 
 def _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_step) -> None:
-    model = run.model
-    model.train()
-    device = next(model.parameters()).device
+    run.objective.train()
+    device = next(run.model.parameters()).device
     total = len(data) if hasattr(data, "__len__") else None
     it = _epoch_batches(run, data)
     bar = tqdm(
@@ -530,7 +634,7 @@ def _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_st
     )
     for batch in bar:
         x, y = _unpack(batch, device)
-        values = step_fn(model, x, y, run.optimizer, run.epoch, run.step)
+        values = step_fn(run, x, y)
         run.step += 1
         run.global_step += 1
         for k, v in values.items():
@@ -551,15 +655,17 @@ def _end_epoch(run: _Run, validate) -> None:
     summary["lr"] = run.optimizer.param_groups[0]["lr"]
     if run.scheduler is not None:
         run.scheduler.step()
-    if validate is not None:
-        summary.update({f"val_{k}": float(v) for k, v in validate(run.model).items()})
+    if validate is not None:  # every rank validates, with its own noise: report the mean
+        metrics = {f"val_{k}": float(v) for k, v in validate(run.model).items()}
+        summary.update(distributed.mean_over_ranks(metrics))
     run.history.append(summary)
-    log.info(
-        "epoch %d/%d: %s",
-        run.epoch + 1,
-        run.fingerprint["epochs"],
-        ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"),
-    )
+    if is_main_process():
+        log.info(
+            "epoch %d/%d: %s",
+            run.epoch + 1,
+            run.fingerprint["epochs"],
+            ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if k != "epoch"),
+        )
     run.epoch += 1
     run.step = 0
     run.sums = {}
@@ -567,7 +673,13 @@ def _end_epoch(run: _Run, validate) -> None:
 
 # ----------------------------------------------------------------------- checkpoints
 def _write_checkpoint(run: _Run, path: Path, data: Iterable) -> None:
+    """Write the run state (rank 0; every rank takes part: the RNG states are gathered,
+    one entry per rank under torch.distributed)."""
     start = time.perf_counter()
+    rng, epoch_rng = _rng_state(data), run.epoch_rng if run.step else None
+    if distributed.is_distributed():
+        per_rank = distributed.gather((rng, epoch_rng))
+        rng, epoch_rng = [r for r, _ in per_rank], [e for _, e in per_rank]
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -580,8 +692,9 @@ def _write_checkpoint(run: _Run, path: Path, data: Iterable) -> None:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": None if run.scheduler is None else run.scheduler.state_dict(),
-        "epoch_rng": run.epoch_rng if run.step else None,
-        "rng": _rng_state(data),
+        "scaler": run.scaler.state_dict(),
+        "epoch_rng": epoch_rng,
+        "rng": rng,
     }
     atomic_torch_save(payload, path)
     log.debug("checkpoint %s written in %.2fs", path, time.perf_counter() - start)
@@ -597,8 +710,9 @@ def _restore(run: _Run, path: Path, data: Iterable) -> None:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a bnnconvert training checkpoint; pass --restart")
+    saved = payload["fingerprint"]
     for key, value in run.fingerprint.items():
-        old = payload["fingerprint"].get(key)
+        old = saved.get(key, 1 if key == "world_size" else None)
         if old != value:
             raise ValueError(
                 f"the checkpoint {path} belongs to a run with other settings ({key}: {old!r} "
@@ -614,7 +728,13 @@ def _restore(run: _Run, path: Path, data: Iterable) -> None:
     run.optimizer.load_state_dict(payload["optimizer"])
     if run.scheduler is not None:
         run.scheduler.load_state_dict(payload["scheduler"])
+    if payload.get("scaler"):
+        run.scaler.load_state_dict(payload["scaler"])
     run.epoch, run.step, run.global_step = payload["epoch"], payload["step"], payload["global_step"]
     run.sums, run.history = dict(payload["sums"]), list(payload["history"])
-    run.rng = payload["rng"]
-    run.epoch_rng = payload["epoch_rng"] if run.step else payload["rng"]
+    rng, epoch_rng = payload["rng"], payload["epoch_rng"]
+    if run.fingerprint["world_size"] > 1:  # one entry per rank
+        rank = distributed.world()[0]
+        rng, epoch_rng = rng[rank], epoch_rng[rank]
+    run.rng = rng
+    run.epoch_rng = epoch_rng if run.step else rng

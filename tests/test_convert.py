@@ -341,3 +341,76 @@ def test_errors(resnet, unet):
         convert(resnet, "missing-file.pt", 0.1)
     with pytest.raises(ValueError, match="r_bayes=None"):
         convert(resnet, {"fc.weight": torch.ones(10, 512, dtype=torch.bool)}, 0.1)
+
+
+# ------------------------------------------------------------------ sampling without grad
+def _mixed_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """conv1: 1 % of the entries (perturbed in place without grad), fc.weight: half (copied),
+    fc.bias: every entry (dense)."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "conv1.weight": torch.rand(model.conv1.weight.shape, generator=g) < 0.01,
+        "fc.weight": torch.rand(model.fc.weight.shape, generator=g) < 0.5,
+        "fc.bias": torch.ones_like(model.fc.bias, dtype=torch.bool),
+    }
+
+
+def test_prediction_perturbs_in_place_with_the_same_samples(resnet):
+    pbnn = convert(resnet, _mixed_masks(resnet), None)
+    x = torch.randn(2, 1, 32, 32)
+    params = {n: p.detach().clone() for n, p in pbnn.named_parameters()}
+    versions = {n: p._version for n, p in pbnn.named_parameters()}
+    assert not pbnn.conv1.perturbs_in_place("weight")  # grad mode: a copy of mu
+    torch.manual_seed(4)
+    reference = torch.stack([pbnn(x) for _ in range(3)]).detach()
+    with torch.no_grad():
+        in_place = {(n, name): m.perturbs_in_place(name) for n, m in bayesian_layers(pbnn)
+                    for name in m.bayes_names}  # fmt: skip
+        assert in_place == {("conv1", "weight"): True, ("fc", "weight"): False,
+                            ("fc", "bias"): False}  # fmt: skip
+        torch.manual_seed(4)
+        no_grad = torch.stack([pbnn(x) for _ in range(3)])
+    with torch.inference_mode():
+        torch.manual_seed(4)
+        inference = torch.stack([pbnn(x) for _ in range(3)])
+    assert torch.equal(no_grad, reference) and torch.equal(inference, reference)
+    assert not torch.equal(reference[0], reference[1])
+    for n, p in pbnn.named_parameters():  # mu written back bit for bit, autograd unaware
+        assert torch.equal(p, params[n]) and p._version == versions[n], n
+    assert isinstance(pbnn.conv1._parameters["weight"], nn.Parameter)
+
+
+def test_failed_forward_restores_mu(resnet):
+    pbnn = convert(resnet, _mixed_masks(resnet), None)
+    before = {n: p.detach().clone() for n, p in pbnn.named_parameters()}
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        pbnn(torch.randn(2, 3, 32, 32))  # conv1 expects one channel: fails mid-forward
+    with pytest.raises(RuntimeError):
+        pbnn.fc(torch.randn(2, 7))
+    assert all(torch.equal(p, before[n]) for n, p in pbnn.named_parameters())
+    assert not any(m._bayes_active for _, m in bayesian_layers(pbnn))
+
+
+def test_indices_are_int32_and_int64_checkpoints_load(resnet):
+    from bnnconvert.layers import index_dtype
+
+    assert index_dtype(2**31 - 1) == torch.int32 and index_dtype(2**31) == torch.int64
+    pbnn = convert(resnet, "random", 0.02)
+    state = pbnn.state_dict()
+    idx_keys = [k for k in state if k.endswith("_idx")]
+    assert idx_keys and all(state[k].dtype == torch.int32 for k in idx_keys)
+    old = {k: v.long() if k in idx_keys else v for k, v in state.items()}  # before int32
+    fresh = convert(resnet, "random", 0.02)  # other masks
+    fresh.load_state_dict(old)
+    loaded = fresh.state_dict()
+    for k in idx_keys:
+        assert loaded[k].dtype == torch.int32 and torch.equal(loaded[k].long(), old[k]), k
+    x = torch.randn(2, 1, 32, 32)
+    torch.manual_seed(5)
+    ya = pbnn(x)
+    torch.manual_seed(5)
+    assert torch.equal(fresh(x), ya)
+    old[idx_keys[0]] = old[idx_keys[0]].clone()
+    old[idx_keys[0]][-1] = 2**40  # beyond the tensor: int32 would wrap it silently
+    with pytest.raises(RuntimeError, match=r"damaged or belongs to another architecture"):
+        fresh.load_state_dict(old)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnnconvert
-from bnnconvert.hoist import hoist_plan, mc_outputs
+from bnnconvert.hoist import hoist_plan, mc_outputs, mc_samples
 from bnnconvert.layers import bayesian_layers, convertible_parameters
 
 
@@ -213,6 +213,45 @@ def test_untraceable_models_fall_back_with_same_results(cls, reason, caplog):
     assert len(logged) == 1
 
 
+def test_wrappers_run_the_plain_loop(resnet, caplog):
+    """DataParallel/DDP/torch.compile do work in their own forward that a traced graph of
+    the wrapped model would skip: never hoisted through."""
+    model = bnnconvert.convert(resnet, _masks(resnet, ("fc.",), 0.5), None)
+    x = torch.randn(2, 1, 32, 32)
+    with caplog.at_level(logging.DEBUG, logger="bnnconvert.hoist"):
+        assert hoist_plan(nn.DataParallel(model)) is None
+        assert hoist_plan(torch.compile(model)) is None  # compiles lazily: nothing runs
+    assert sum("wraps the model" in r.getMessage() for r in caplog.records) == 2
+    with torch.no_grad():
+        plain, wrapped = _both(model, x), _both(nn.DataParallel(model), x)
+    assert torch.equal(plain[1], wrapped[1])
+
+
+class TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(h), h
+
+
+def test_mc_samples_yields_any_output_in_plain_loop_order():
+    model = bnnconvert.convert(TupleOut(), {"head.weight": torch.ones(3, 4) > 0}, None)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.manual_seed(2)
+        plain = [model(x) for _ in range(3)]
+        torch.manual_seed(2)
+        hoisted = list(mc_samples(model, x, 3))
+    assert _prefix_modules(model) == {"stem"}
+    for (a, ha), (b, hb) in zip(plain, hoisted):
+        assert torch.equal(a, b) and torch.equal(ha, hb)
+    assert not torch.equal(hoisted[0][0], hoisted[1][0])
+
+
 def test_hooks_on_traced_through_modules_fall_back(resnet):
     model = bnnconvert.convert(resnet, _masks(resnet, ("fc.",), 0.5), None)
     calls = []
@@ -313,6 +352,41 @@ def test_training_gradients_and_batchnorm_statistics_match(resnet, momentum):
         torch.testing.assert_close(hoisted[name], buf, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_elbo_loss_hoists_and_matches_the_plain_loop(resnet):
+    """elbo_loss runs the prefix forward and backward once; its losses equal the plain
+    loop's bit for bit and its gradients up to float summation order."""
+    base = bnnconvert.convert(resnet, _masks(resnet, ("layer4.", "fc."), 0.05), None).train()
+    models = {hoist: copy.deepcopy(base) for hoist in (False, True)}
+    x, y = torch.randn(4, 1, 32, 32).requires_grad_(), torch.randint(0, 10, (4,))
+    calls, losses = {}, {}
+    for hoist, model in models.items():
+        counts = calls[hoist] = {"forward": 0, "backward": 0}
+        model.conv1.register_forward_hook(lambda *a, c=counts: c.update(forward=c["forward"] + 1))
+        model.conv1.register_full_backward_hook(
+            lambda *a, c=counts: c.update(backward=c["backward"] + 1)
+        )
+        torch.manual_seed(3)
+        if hoist:
+            assert hoist_plan(model) is not None and "layer3.1.conv2" in _prefix_modules(model)
+            terms = bnnconvert.elbo_loss(model, x, y, beta=0.01, samples=3)
+            nll, loss = terms.nll, terms.loss
+        else:  # the plain loop, written out
+            nll = sum(F.cross_entropy(model(x), y) for _ in range(3)) / 3
+            loss = nll + 0.01 * bnnconvert.kl_loss(model)
+        loss.backward()
+        losses[hoist] = (nll, loss)
+    assert calls == {False: {"forward": 3, "backward": 3}, True: {"forward": 1, "backward": 1}}
+    assert torch.equal(losses[True][0], losses[False][0])
+    assert torch.equal(losses[True][1], losses[False][1])
+    hoisted = dict(models[True].named_parameters())
+    for name, p in models[False].named_parameters():
+        assert p.grad is not None, name
+        atol = 1e-5 * float(p.grad.abs().max())
+        torch.testing.assert_close(hoisted[name].grad, p.grad, rtol=1e-4, atol=atol, msg=name)
+    rho = [n for n in hoisted if n.endswith("_rho")]
+    assert rho and all(n.startswith(("layer4.", "fc.")) for n in rho)
+
+
 def test_plan_follows_train_eval_and_is_weakly_cached(resnet):
     model = bnnconvert.convert(resnet, _masks(resnet, ("fc.",), 0.5), None)
     plan_eval = hoist_plan(model)
@@ -338,3 +412,9 @@ def test_parameter_counts_match_the_formula(resnet, r_bayes):
     idx = sum(m._buffers[f"{n}_idx"].numel() for m in layers for n in m.bayes_names)
     assert idx == (0 if r_bayes == 1.0 else k)  # dense tensors store no index
     assert count(model.buffers()) == count(resnet.buffers()) + idx + 2 * len(layers)
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    # float32 rho, int32 indices, a float64 (prior_mu, prior_sigma) per layer
+    extra = 4 * k + 4 * idx + 16 * len(layers)
+    assert nbytes([*model.parameters(), *model.buffers()]) == (
+        nbytes([*resnet.parameters(), *resnet.buffers()]) + extra
+    )

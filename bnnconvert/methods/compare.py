@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..flops import count_flops, training_cost
 from ..metrics import auc, evaluate
@@ -46,7 +47,7 @@ from ..train import seed_everything, train
 from .base import Method, reseed_data
 from .ensemble import Ensemble
 from .full_bayes import FullBayes
-from .registry import get_method
+from .registry import check_method_names, get_method
 
 __all__ = ["compare_methods_on_data", "results_markdown"]
 
@@ -71,6 +72,7 @@ def compare_methods_on_data(
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
     flops: bool = True,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Train, predict and evaluate each method of ``methods``; one dict per method.
 
@@ -97,6 +99,7 @@ def compare_methods_on_data(
             ``{"mc_dropout": {"p": 0.2}}``).
         train_kwargs: keyword arguments for every fit (lr, momentum, class_weights, ...).
         flops: count the FLOPs with fvcore (False saves the time of tracing).
+        progress: a progress bar over the methods (tqdm).
 
     Returns a list of dicts, one per method, with keys "method", "task", "epochs" (its
     budget), "train_steps", "fit_seconds", "parameters", every key of
@@ -107,7 +110,7 @@ def compare_methods_on_data(
     "note" (e.g. which converter a full-Bayes row used). Render it with
     :func:`results_markdown`.
     """
-    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else methods
+    names = check_method_names(methods)  # every name, before anything trains
     pretrain_epochs = epochs if pretrain_epochs is None else pretrain_epochs
     train_kwargs = dict(train_kwargs or {})
     trained = _step_one(model, train_data, task, pretrain_epochs, seed, train_kwargs)
@@ -115,7 +118,9 @@ def compare_methods_on_data(
     data = (train_data, test_data, ood_data, val_data)
     setup = _Setup(*data, epochs, pretrain_epochs, seed, train_kwargs, reference)
     rows = []
-    for name in names:
+    bar = tqdm(names, desc="methods", unit="method", disable=not progress, leave=False)
+    for name in bar:
+        bar.set_postfix_str(name)
         kwargs = {"task": task, "samples": samples, **(method_kwargs or {}).get(name, {})}
         rows.append(setup.run(get_method(name, trained, **kwargs)))
         log.info("%s: %s", name, {k: v for k, v in rows[-1].items() if isinstance(v, float)})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -18,7 +18,7 @@ from .layer_ensemble import LayerEnsemble
 from .mc_dropout import MonteCarloDropout
 from .sparse import SparseBayes
 
-__all__ = ["METHOD_NAMES", "get_method"]
+__all__ = ["METHOD_NAMES", "check_method_names", "get_method"]
 
 _FIXED: dict[str, tuple[type[Method], dict[str, Any]]] = {
     "deterministic": (Deterministic, {}),
@@ -65,15 +65,30 @@ def get_method(name: str, model: nn.Module, **kwargs: Any) -> Method:
     "last_layer" / "last_layers3" (Zeng et al.), "mc_dropout", "checkpoint_ensemble"
     (one cycle), "checkpoint_ensemble_multi" (3 cycles), "swa", "layer_ensemble".
     """
+    cls, defaults = _lookup(name)
+    return cls(model, **{**defaults, "name": name, **kwargs})
+
+
+def check_method_names(names: str | Sequence[str]) -> list[str]:
+    """The method names of a list or a comma-separated string ("deterministic,partial1"),
+    stripped; ValueError naming the first unknown one (and the known names) or an empty
+    list, before anything is built or trained."""
+    items = names.split(",") if isinstance(names, str) else list(names)
+    items = [str(n).strip() for n in items]
+    if not items or not all(items):
+        raise ValueError(f"empty method name in {names!r}; known: {', '.join(METHOD_NAMES)}")
+    for name in items:
+        _lookup(name)
+    return items
+
+
+def _lookup(name: str) -> tuple[type[Method], dict[str, Any]]:
+    """The class and default keyword arguments of the method called ``name``."""
     key = name.strip().lower()
     if key in _FIXED:
-        cls, defaults = _FIXED[key]
-    else:
-        for pattern, build in _PATTERNS:
-            match = re.fullmatch(pattern, key)
-            if match:
-                cls, defaults = build(match)
-                break
-        else:
-            raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
-    return cls(model, **{**defaults, "name": name, **kwargs})
+        return _FIXED[key]
+    for pattern, build in _PATTERNS:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return build(match)
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
