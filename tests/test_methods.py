@@ -389,3 +389,25 @@ def test_compare_methods_on_data_renders_the_table(seg_data):
     table = results_markdown(results)
     assert table.splitlines()[0].startswith("| method | Dice | IoU | Brier | entropy | ECE | NLL")
     assert "OOD AUROC" in table and "| ensemble2 |" in table and "2.00x" in table
+
+
+def test_entropy_auroc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    from bnnconvert import predict
+    from bnnconvert.methods import entropy_auroc
+
+    torch.manual_seed(3)
+    test_logits, ood_logits = 3 * torch.randn(40, 5), torch.randn(30, 5)
+    test, ood = (predict(nn.Identity(), x, samples=1) for x in (test_logits, ood_logits))
+    p = torch.cat([test_logits, ood_logits]).double().softmax(1).numpy()
+    entropy = -(p * np.log(p)).sum(1)  # the entropy of each image, computed here
+    labels = np.r_[np.zeros(40), np.ones(30)]
+    assert entropy_auroc(test, ood) == pytest.approx(roc_auc_score(labels, entropy), abs=1e-6)
+    # segmentation: per-image score = mean pixel entropy
+    seg_test, seg_ood = torch.randn(6, 2, 4, 4), 0.2 * torch.randn(5, 2, 4, 4)
+    q = torch.cat([seg_test, seg_ood]).double().softmax(1).numpy()
+    score = -(q * np.log(q)).sum(1).reshape(11, -1).mean(1)
+    seg = [predict(nn.Identity(), x, samples=1) for x in (seg_test, seg_ood)]
+    expected = roc_auc_score(np.r_[np.zeros(6), np.ones(5)], score)
+    assert entropy_auroc(*seg) == pytest.approx(expected, abs=1e-6)

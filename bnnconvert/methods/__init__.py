@@ -16,7 +16,7 @@ See :class:`Method` for the protocol, :func:`get_method` for the names and
 
 from .base import Method, last_convertible_layers, reseed_data
 from .checkpoint_ensemble import SWA, CheckpointEnsemble, checkpoint_epochs, lr_at
-from .compare import compare_methods_on_data, ood_auroc, results_markdown
+from .compare import compare_methods_on_data, entropy_auroc, ood_auroc, results_markdown
 from .deterministic import Deterministic, fit_temperature
 from .ensemble import Ensemble, reset_parameters
 from .full_bayes import FullBayes, bayesian_torch_convert
@@ -46,6 +46,7 @@ __all__ = [
     "checkpoint_epochs",
     "compare_methods_on_data",
     "default_stages",
+    "entropy_auroc",
     "fit_temperature",
     "get_method",
     "insert_dropout",

@@ -49,7 +49,7 @@ from .ensemble import Ensemble
 from .full_bayes import FullBayes
 from .registry import check_method_names, get_method
 
-__all__ = ["compare_methods_on_data", "results_markdown"]
+__all__ = ["compare_methods_on_data", "entropy_auroc", "ood_auroc", "results_markdown"]
 
 log = logging.getLogger(__name__)
 
@@ -217,14 +217,19 @@ def _cost_row(method: Method, ref: dict, shared_pretraining: bool) -> dict[str, 
 def ood_auroc(method: Method, in_distribution: Prediction, ood_data: Iterable | Tensor) -> float:
     """AUROC of telling ``ood_data`` (positives) from the test inputs (negatives) by the
     entropy of the expected prediction, per image (mean over pixels or labels)."""
-    ood = method.predict(ood_data, keep_samples=False)
+    return entropy_auroc(in_distribution, method.predict(ood_data, keep_samples=False))
+
+
+def entropy_auroc(in_distribution: Prediction, ood: Prediction) -> float:
+    """AUROC of telling ``ood`` (positives) from ``in_distribution`` (negatives) by the
+    entropy of the expected prediction, per image (mean over pixels or labels)."""
     scores = torch.cat([_image_entropy(in_distribution), _image_entropy(ood)])
     labels = torch.cat([torch.zeros(len(in_distribution)), torch.ones(len(ood))]).long()
     return float(auc(scores[:, None], labels[:, None], task="multilabel"))
 
 
 def _image_entropy(prediction: Prediction) -> Tensor:
-    entropy = prediction.entropy.double()
+    entropy = prediction.entropy.double().cpu()
     return entropy.flatten(1).mean(1) if entropy.dim() > 1 else entropy
 
 
