@@ -134,3 +134,25 @@ def test_cli_rejects_bad_options_with_one_line(tmp_path, args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert not out.exists()
+
+
+def test_sigma_init_per_task_reaches_convert():
+    import torch
+    from torch import nn
+
+    from bnnconvert import convert
+    from bnnconvert.demo import Recipe
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 1))
+    for recipe, task, delta in [
+        (Recipe(), "segmentation", 0.1),
+        (Recipe(), "multiclass", 0.3),
+        (Recipe(seg_moped_delta=None), "segmentation", 0.3),
+    ]:
+        pbnn = convert(net, "magnitude", 0.5, **recipe.sigma_init(task))
+        layer = pbnn[0]
+        idx = layer.bayes_index("weight").long()
+        mu = layer.weight.detach().reshape(-1)[idx]
+        sigma = layer.posterior_sigma("weight").reshape(-1)[idx]
+        torch.testing.assert_close(sigma, delta * mu.abs())
