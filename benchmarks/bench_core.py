@@ -9,6 +9,8 @@ every entry of the last stage) and bayesian-torch's full ``dnn_to_bnn`` conversi
 - a training step (forward + backward + KL, one sample);
 - 5-sample prediction (eval, no grad), plain loop and hoisted (``mc_outputs``);
 - a 5-sample ELBO training step, plain loop and hoisted (``bnnconvert.elbo_loss``);
+- the floors of both: the same hoisted 5-sample call with every layer at its mean (no
+  noise drawn), i.e. what the split costs if sampling were free;
 - KL and one posterior draw of every Bayesian layer (copying, as prediction does it, noise only);
 - the saliency pass against a plain forward + backward over the same batches;
 - convert() time, and the peak memory of an in-place convert() of a ~100M-parameter model.
@@ -43,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnnconvert
-from bnnconvert.hoist import mc_outputs
-from bnnconvert.layers import bayesian_layers, convertible_parameters
+from bnnconvert.hoist import hoist_plan, mc_outputs
+from bnnconvert.layers import bayesian_layers, convertible_parameters, posterior_cache
 from bnnconvert.models import UNet, resnet18
 
 SAMPLES = 5
@@ -222,6 +224,31 @@ def predict_fn(st: Setup, v: Variant, samples: int, hoist: bool) -> Callable[[],
     return run
 
 
+def floor_fn(st: Setup, v: Variant, train: bool) -> Callable[[], None]:
+    """The hoisted 5-sample ELBO step (train) or prediction (eval) of ``v`` with every
+    Bayesian layer at its mean: the same prefix/suffix split and the same S suffix runs,
+    no noise. Its ratio is the floor that cheaper sampling could reach. Build it after
+    setting the train/eval mode (the split depends on it)."""
+    plan = hoist_plan(v.model)
+
+    def outputs():
+        if plan is None:
+            return (v.model(st.x) for _ in range(SAMPLES))
+        return plan.iterate(st.x, SAMPLES)
+
+    def run() -> None:
+        with bnnconvert.mean_weights(v.model):
+            if not train:
+                with torch.no_grad():
+                    list(outputs())
+                return
+            _zero(v.model)
+            nll = sum(st.loss(out, st.y) for out in outputs()) / SAMPLES
+            (nll + BETA * _kl(v)).backward()
+
+    return run
+
+
 def kl_fn(v: Variant) -> Callable[[], None]:
     def run() -> None:
         with torch.no_grad():
@@ -233,17 +260,29 @@ def kl_fn(v: Variant) -> Callable[[], None]:
 def sample_fn(v: Variant, how: str) -> Callable[[], None]:
     """One posterior draw of every Bayesian tensor without grad: "draw" the copying draw
     of training (noise + copy of mu), "predict" what a prediction forward does (in place
-    where the layer perturbs in place, and the write-back), "noise" only softplus(rho) * eps."""
+    where the layer perturbs in place, and the write-back), "noise" only softplus(rho) * eps,
+    "predict5" five "predict" draws in one ``posterior_cache`` block (as ``mc_outputs``
+    draws them: softplus and the gather of mu once)."""
     layers = [m for _, m in bayesian_layers(v.model)]
 
     def run() -> None:
+        if how == "predict5":
+            with torch.no_grad(), posterior_cache(v.model):
+                for _ in range(SAMPLES):
+                    for m in layers:
+                        for n in m.bayes_names:
+                            if m.perturbs_in_place(n):
+                                m._unperturb(m._perturb(n))
+                            else:
+                                m.sample_parameter(n)
+            return
         with torch.no_grad():
             for m in layers:
                 for n in m.bayes_names:
                     if how == "noise":
                         m.sample_noise(n)
                     elif how == "predict" and m.perturbs_in_place(n):
-                        m._unperturb(n, m._perturb(n))
+                        m._unperturb(m._perturb(n))
                     else:
                         m.sample_parameter(n)
 
@@ -351,6 +390,14 @@ def _train_metrics(st, variants, res, repeats, device, sync) -> None:
         times = measure(calls, repeats, sync)
         metric = "elbo5_hoisted" if hoist else "elbo5_plain"
         _record(res, variants[1:], metric, times, times["det"], _peaks(calls, device))
+    _floor_metric(st, variants, res, repeats, sync, steps["det"], train=True)
+
+
+def _floor_metric(st, variants, res, repeats, sync, det_call, train: bool) -> None:
+    calls = {"det": det_call}
+    calls.update({v.name: floor_fn(st, v, train) for v in variants if v.kind == "ours"})
+    times = measure(calls, repeats, sync)
+    _record(res, variants[1:], "elbo5_floor" if train else "pred5_floor", times, times["det"])
 
 
 def _predict_metrics(st, variants, res, repeats, device, sync) -> None:
@@ -369,6 +416,8 @@ def _predict_metrics(st, variants, res, repeats, device, sync) -> None:
         metric = "pred5_hoisted" if hoist else "pred5_plain"
         _record(res, variants[1:], metric, times, times["det"], _peaks(calls, device))
         res.rows["det"].setdefault("pred1_s", statistics.median(times["det"]))
+    det_forward = predict_fn(st, variants[0], 1, False)
+    _floor_metric(st, variants, res, repeats, sync, det_forward, train=False)
 
 
 def _cost_metrics(variants, res, repeats, sync) -> None:
@@ -377,12 +426,13 @@ def _cost_metrics(variants, res, repeats, sync) -> None:
     calls = {}
     for v in ours:
         calls[f"{v.name}|kl"] = kl_fn(v)
-        for how in ("draw", "predict", "noise"):
+        for how in ("draw", "predict", "noise", "predict5"):
             calls[f"{v.name}|{how}"] = sample_fn(v, how)
     times = measure(calls, repeats, sync)
     for key, ts in times.items():
         name, what = key.split("|")
-        res.rows[name][f"{what}_ms"] = 1000 * statistics.median(ts)
+        per_draw = SAMPLES if what == "predict5" else 1
+        res.rows[name][f"{what}_ms"] = 1000 * statistics.median(ts) / per_draw
 
 
 def _peaks(calls, device) -> dict[str, int | None]:
@@ -553,7 +603,9 @@ def markdown(meta: dict, results: list[ModelResult], tgt: list[dict], mem: list[
         "deterministic forward. KL / draw / pred draw / noise are absolute milliseconds of",
         "one draw of every Bayesian tensor (draw = noise + the copy of mu made by index_add,",
         "as in training; pred draw = what a prediction forward does, in place for tensors",
-        "with k <= N/16; noise = softplus(rho) * eps only).",
+        "with k <= N/16; cached = the same, averaged over 5 draws sharing softplus(rho) and",
+        "the gather of mu as in mc_outputs; noise = softplus(rho) * eps only). Floor = the",
+        "hoisted 5-sample call with every layer at its mean: the cost of the split itself.",
         "",
     ]
     cols = [
@@ -563,11 +615,14 @@ def markdown(meta: dict, results: list[ModelResult], tgt: list[dict], mem: list[
         ("step1_ratio", "train step x", "{:.2f}"),
         ("pred5_plain_ratio", "pred 5 plain x", "{:.2f}"),
         ("pred5_hoisted_ratio", "pred 5 hoisted x", "{:.2f}"),
+        ("pred5_floor_ratio", "pred 5 floor x", "{:.2f}"),
         ("elbo5_plain_ratio", "ELBO 5 plain x", "{:.2f}"),
         ("elbo5_hoisted_ratio", "ELBO 5 hoisted x", "{:.2f}"),
+        ("elbo5_floor_ratio", "ELBO 5 floor x", "{:.2f}"),
         ("kl_ms", "KL ms", "{:.2f}"),
         ("draw_ms", "draw ms", "{:.1f}"),
         ("predict_ms", "pred draw ms", "{:.1f}"),
+        ("predict5_ms", "cached ms", "{:.1f}"),
         ("noise_ms", "noise ms", "{:.1f}"),
     ]
     for res in results:

@@ -75,7 +75,7 @@ class BetaSchedule:
         printed formula grows; use linear(0.2, 0.01, E) or linear(0.01, 0.2, E).
         """
         _check_nonneg(start=start, end=end)
-        _check_positive_int(epochs=epochs)
+        check_positive_int(epochs=epochs)
 
         def fn(epoch: int, batch: int) -> float:
             t = min(epoch / (epochs - 1), 1.0) if epochs > 1 else 1.0
@@ -91,7 +91,7 @@ class BetaSchedule:
         ``epochs`` epochs, beta rises linearly from 0 to ``max_beta`` during the first
         ``ratio`` of the cycle and stays there for the rest."""
         _check_nonneg(max_beta=max_beta)
-        _check_positive_int(epochs=epochs, cycles=cycles)
+        check_positive_int(epochs=epochs, cycles=cycles)
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")
         period = epochs / cycles
@@ -107,7 +107,7 @@ class BetaSchedule:
         """Blundell et al. (2015) per-batch weights pi_i = 2^(M-i) / (2^M - 1), i = 1..M
         (M = ``num_batches``): early batches weigh the KL most, and the weights of an
         epoch sum to 1 (times ``scale``)."""
-        _check_positive_int(num_batches=num_batches)
+        check_positive_int(num_batches=num_batches)
         _check_nonneg(scale=scale)
 
         def fn(epoch: int, batch: int) -> float:
@@ -148,7 +148,8 @@ def _check_nonneg(**values: float) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
-def _check_positive_int(**values: int) -> None:
+def check_positive_int(**values: int) -> None:
+    """Raise ValueError naming the first keyword argument that is not an integer >= 1."""
     for name, v in values.items():
         if not (isinstance(v, int) and v >= 1):
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -190,7 +191,7 @@ def elbo_loss(
 
     Call ``terms.loss.backward()``; ``terms.nll``/``terms.kl`` are for logging.
     """
-    _check_positive_int(samples=samples)
+    check_positive_int(samples=samples)
     loss_fn = loss_fn or default_loss
     nll = sum(loss_fn(out, targets) for out in mc_samples(model, inputs, samples)) / samples
     kl = kl_loss(model, kl_reduction)

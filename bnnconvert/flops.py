@@ -29,10 +29,10 @@ reductions and average pooling (sum, mean,  1 per input element.
 avg_pool, adaptive_avg_pool)
 scaled_dot_product_attention and            the products as multiply-adds (scaled by the
 nn.MultiheadAttention's fused fast path     convention), the softmax 1 per score.
-index_add, index_add_ (the scatter of the   1 per scattered element (k additions). The
+scatter_add, index_add (the scatter of the  1 per scattered element (k additions). The
 noise onto the selected entries of mu)      out-of-place copy of mu it starts from, and
                                             the gather/write-back of the in-place
-                                            variant (index_select, index_copy_), are
+                                            variant (index_select, scatter_), are
                                             memory traffic, not arithmetic: 0 FLOPs.
 comparisons and selection (relu, max_pool,  0, following fvcore, which already ignores
 hardtanh, clamp, max), shape and memory ops relu, clamp, max, cat, view, reshape, index,
@@ -40,7 +40,7 @@ hardtanh, clamp, max), shape and memory ops relu, clamp, max, cat, view, reshape
 ==========================================  ===============================================
 
 So the Bayesian overhead of a converted layer is what it computes: per forward, for its k
-selected entries, k softplus + k normal draws + k multiplies + k additions (index_add in
+selected entries, k softplus + k normal draws + k multiplies + k additions (scatter_add in
 the sparse case, a dense add when every entry is Bayesian) = 4k FLOPs, paid once per
 forward pass whatever the batch size. The sampling is attributed to the layer that owns
 the weights (also inside modules such as ``nn.MultiheadAttention`` that sample on behalf
@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import convert, num_bayesian, to_deterministic
-from .elbo import _check_positive_int, kl_loss
+from .elbo import check_positive_int, kl_loss
 from .layers import BayesianLayer, bayesian_layers
 
 with warnings.catch_warnings():  # fvcore.nn scripts a loss at import: a FutureWarning
@@ -111,7 +111,8 @@ _ZERO_OPS = (
     "relu", "relu_", "hardtanh", "hardtanh_", "max_pool1d", "max_pool2d", "max_pool3d",
     "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "view_as", "reshape_as", "expand_as", "clone", "where",
-    "unflatten", "index_select", "index_copy", "index_copy_", "index_put",
+    "unflatten", "index_select", "index_copy", "index_copy_", "index_put", "scatter",
+    "scatter_",
 )  # fmt: skip
 
 SAMPLING_SCOPE = "flops_sampling_scope"
@@ -133,9 +134,10 @@ def _per_input(inputs: list, outputs: list) -> int:
     return _numel(inputs[0])
 
 
-def _index_add(inputs: list, outputs: list) -> int:
-    """aten::index_add(self, dim, index, source, alpha): one add per source element; the
-    copy of ``self`` (mu) into the output is memory traffic, counted 0."""
+def _scatter_add(inputs: list, outputs: list) -> int:
+    """aten::scatter_add(self, dim, index, src) and aten::index_add(self, dim, index,
+    source, alpha): one add per source element; the copy of ``self`` (mu) into the
+    output is memory traffic, counted 0."""
     return _numel(inputs[3])
 
 
@@ -170,8 +172,10 @@ def _op_handles() -> dict[str, Callable | None]:
     handles.update({f"aten::{op}": _per_input for op in _REDUCTION_OPS})
     handles.update({f"aten::{op}": None for op in _ZERO_OPS})
     handles.update({
-        "aten::index_add": _index_add,
-        "aten::index_add_": _index_add,  # prediction's in-place perturbation of mu
+        "aten::scatter_add": _scatter_add,  # a Bayesian layer's draw: mu + noise on k entries
+        "aten::scatter_add_": _scatter_add,
+        "aten::index_add": _scatter_add,
+        "aten::index_add_": _scatter_add,
         "aten::baddbmm": _baddbmm,
         "aten::scaled_dot_product_attention": _attention,
         "aten::_native_multi_head_attention": _native_mha,
@@ -319,7 +323,7 @@ def count_flops(
     Returns a :class:`FlopReport`; ``str(report)`` is a per-module table. Raises
     ValueError if the model rejects the inputs.
     """
-    _check_positive_int(samples=samples)
+    check_positive_int(samples=samples)
     factor = _convention_factor(convention)
     work, inputs = _working_copy(model, inputs, device, train)
     markers = {_marker_name(name): name for name in _instrument_sampling(work)}
@@ -564,7 +568,7 @@ def training_cost(
 
     The forward is counted in training mode (BatchNorm on batch statistics).
     """
-    _check_positive_int(samples=samples, steps=steps)
+    check_positive_int(samples=samples, steps=steps)
     if backward_factor < 0 or saliency_batches < 0:
         raise ValueError("backward_factor and saliency_batches must be >= 0")
     forward = count_flops(model, inputs, device=device, convention=convention, train=True)
@@ -764,11 +768,11 @@ def compare_methods(
     - Forwards are counted in eval mode for inference and in training mode for training
       (BatchNorm: 2 vs 5 FLOPs per element).
     """
-    _check_positive_int(
+    check_positive_int(
         members=members, samples=samples, epochs=epochs, steps_per_epoch=steps_per_epoch
     )
     if full_bayes_epochs is not None:
-        _check_positive_int(full_bayes_epochs=full_bayes_epochs)
+        check_positive_int(full_bayes_epochs=full_bayes_epochs)
     if pretrain_epochs < 0:
         raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
     for r in r_values:

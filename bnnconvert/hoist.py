@@ -53,7 +53,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from .layers import BayesianLayer, BayesianOwner
+from .layers import BayesianLayer, BayesianOwner, posterior_cache
 
 __all__ = ["hoist_plan", "mc_outputs", "mc_samples"]
 
@@ -120,14 +120,22 @@ def mc_samples(
 
     Like :func:`mc_outputs` (same arguments, same hoisting, same draws) without stacking:
     the outputs may be of any type ``model`` returns. The hoisted prefix runs at the first
-    ``next()``; consume the iterator before changing the model.
+    ``next()``; consume the iterator before changing the model. The draws share their
+    sigma = softplus(rho) (see :func:`bnnconvert.layers.posterior_cache`) until the
+    iterator is exhausted or closed.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
     plan = hoist_plan(model, loud=hoist is True) if hoist is not False else None
     if plan is None:
-        return (model(x) for _ in range(samples))
-    return plan.iterate(x, samples)
+        return _cached(model, (model(x) for _ in range(samples)))
+    return _cached(model, plan.iterate(x, samples))
+
+
+def _cached(model: nn.Module, outputs: Iterator[Any]) -> Iterator[Any]:
+    """``outputs`` consumed inside a :func:`posterior_cache` block of ``model``."""
+    with posterior_cache(model):
+        yield from outputs
 
 
 @dataclass

@@ -24,6 +24,11 @@ w = mu + scatter(idx, sigma * eps):
   touched): O(k) memory and time. The samples equal those of the copying path under the
   same seed.
 
+Within a :func:`posterior_cache` block (every Monte Carlo loop of the package runs in one),
+sigma = softplus(rho) is computed once instead of at every forward, and the in-place path
+gathers the k original values once: the S draws of a prediction or an ELBO step share
+that work, with bit-identical samples.
+
 Some modules read a child layer's parameters directly instead of calling it
 (``nn.MultiheadAttention`` reads ``out_proj.weight``; ``nn.TransformerEncoderLayer``'s
 fast path reads its linears). Such a module becomes a sampling *owner*: its forward swaps
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +53,7 @@ __all__ = [
     "is_convertible",
     "make_bayesian",
     "make_deterministic",
+    "posterior_cache",
 ]
 
 CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
@@ -59,6 +66,9 @@ PARAM_NAMES = ("weight", "bias")
 DIRECT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 _MIN_SIGMA = 1e-6
+
+_Perturbed = tuple[Tensor, Tensor, Tensor]
+"""(mu flattened (N,), original values (k,), int64 indices (k,)) of an in-place draw."""
 
 INPLACE_MAX_FRACTION = 1 / 16
 """Without gradients, a tensor with k <= INPLACE_MAX_FRACTION * numel Bayesian entries is
@@ -154,7 +164,30 @@ class BayesianLayer:
         Draws k standard normals (``randn_like(rho)``); gradients flow to rho.
         """
         rho = self.bayes_rho(name)
-        return (F.softplus(rho) * torch.randn_like(rho)).to(self._parameters[name].dtype)
+        noise = self._sigma(name) * torch.randn_like(rho)
+        dtype = self._parameters[name].dtype
+        return noise if noise.dtype == dtype else noise.to(dtype)
+
+    def _sigma(self, name: str) -> Tensor:
+        """softplus(rho) of ``name``, shape (k,); computed once per :func:`posterior_cache`
+        block while rho is the same tensor, unchanged, and the grad/autocast mode is the
+        same (a graph-attached sigma is shared by the block's samples)."""
+        rho = self.bayes_rho(name)
+        cache = self.__dict__.get("_bayes_cache")
+        if (
+            cache is None
+            or rho.is_inference()
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+        ):
+            return F.softplus(rho)
+        stamp = (rho._version, torch.is_grad_enabled(), _autocast_state(rho.device.type))
+        hit = cache.get(("sigma", name))
+        if hit is not None and hit[0] is rho and hit[1] == stamp:
+            return hit[2]
+        sigma = F.softplus(rho)
+        cache[("sigma", name)] = (rho, stamp, sigma)
+        return sigma
 
     def sample_parameter(self, name: str) -> Tensor:
         """One posterior draw of ``name``: mu + sigma * eps on the selected entries.
@@ -165,8 +198,21 @@ class BayesianLayer:
         noise = self.sample_noise(name)
         if self.is_dense(name):
             return mu + noise.view(mu.shape)
+        return mu.reshape(-1).scatter_add(0, self._long_index(name), noise).view(mu.shape)
+
+    def _long_index(self, name: str) -> Tensor:
+        """The indices of ``name`` as int64 (k,), which scatter needs; converted once per
+        :func:`posterior_cache` block (scatter is 2 to 3 times faster than index_add /
+        index_copy on a CPU)."""
         idx = self._buffers[f"{name}_idx"]
-        return mu.reshape(-1).index_add(0, idx, noise).view(mu.shape)
+        cache = self.__dict__.get("_bayes_cache")
+        if cache is None or idx.dtype == torch.int64:
+            return idx.long()
+        hit = cache.get(("idx", name))
+        if hit is None or hit[0] is not idx:
+            hit = (idx, idx.long())
+            cache[("idx", name)] = hit
+        return hit[1]
 
     def perturbs_in_place(self, name: str) -> bool:
         """True if a forward now would add the noise to mu in place (see the module
@@ -182,20 +228,29 @@ class BayesianLayer:
             and self.bayes_rho(name).numel() <= INPLACE_MAX_FRACTION * mu.numel()
         )
 
-    def _perturb(self, name: str) -> Tensor:
-        """Add one draw of noise to mu's selected entries in place; returns their original
-        values (k,) for :meth:`_unperturb`. Works on ``mu.data``: autograd's version
-        counter of mu is left alone, since mu is bit-identical again afterwards."""
-        flat = self._parameters[name].data.view(-1)
+    def _perturb(self, name: str) -> _Perturbed:
+        """Add one draw of noise to mu's selected entries in place; returns what
+        :meth:`_unperturb` needs: (mu.data flattened (N,), the k original values (k,),
+        their int64 indices (k,)). Works on ``mu.data``: autograd's version counter of mu
+        is left alone, since mu is bit-identical again afterwards."""
+        mu = self._parameters[name]
         idx = self._buffers[f"{name}_idx"]
-        original = flat.index_select(0, idx)
-        flat.index_add_(0, idx, self.sample_noise(name))
-        return original
+        cache = self.__dict__.get("_bayes_cache")
+        hit = None if cache is None else cache.get(("mu", name))
+        if hit is None or hit[0] is not mu or hit[1] is not idx or hit[2] != mu._version:
+            flat = mu.data.view(-1)
+            hit = (mu, idx, mu._version, flat, flat.index_select(0, idx))
+            if cache is not None:  # the flat view and the k originals, once per block
+                cache[("mu", name)] = hit
+        flat, original, idx_long = hit[3], hit[4], self._long_index(name)
+        flat.scatter_(0, idx_long, original + self.sample_noise(name))
+        return flat, original, idx_long
 
-    def _unperturb(self, name: str, original: Tensor) -> None:
-        """Write back the values returned by :meth:`_perturb`."""
-        idx = self._buffers[f"{name}_idx"]
-        self._parameters[name].data.view(-1).index_copy_(0, idx.long(), original)
+    @staticmethod
+    def _unperturb(saved: _Perturbed) -> None:
+        """Write back the original values saved by :meth:`_perturb`."""
+        flat, original, idx_long = saved
+        flat.scatter_(0, idx_long, original)
 
     # ----------------------------------------------------------------- KL
     def kl_loss(self, reduction: str = "mean") -> Tensor:
@@ -284,7 +339,41 @@ def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: Tensor
     )
 
 
-_Saved = list[tuple[BayesianLayer, dict[str, Tensor], dict[str, Tensor]]]
+@contextmanager
+def posterior_cache(model: nn.Module) -> Iterator[None]:
+    """Share the per-draw work that does not change between posterior samples.
+
+    Inside the block each Bayesian tensor of ``model`` computes sigma = softplus(rho) once
+    (per grad/autocast mode) and, when prediction perturbs mu in place, gathers its k
+    original values once; both are recomputed if rho, mu or the indices are replaced
+    (``.to()``, ``load_state_dict`` with another k) or changed in place (an optimiser
+    step bumps their version counter). The draws are bit-identical to those made outside a
+    block. With gradients on, the cached sigma is part of the graph shared by the block's
+    samples: run one training step per block (as :func:`bnnconvert.elbo_loss` does).
+    Nested blocks reuse the outer cache.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
+    fresh = [m for m in layers if m.__dict__.get("_bayes_cache") is None]
+    for m in fresh:
+        m._bayes_cache = {}
+    try:
+        yield
+    finally:
+        for m in fresh:
+            m._bayes_cache = None
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """Whether autocast is on for ``device_type`` and its dtype (part of a cache key)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return True, torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError):  # a device type without autocast support
+        pass
+    return False, None
+
+
+_Saved = list[tuple[BayesianLayer, dict[str, Tensor], dict[str, _Perturbed]]]
 
 
 def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> _Saved:
@@ -298,7 +387,7 @@ def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> _Saved:
                 continue
             swapped, perturbed = {}, {}
             saved.append((layer, swapped, perturbed))
-            layer._bayes_active = True
+            layer.__dict__["_bayes_active"] = True  # not nn.Module.__setattr__: per forward
             for name in layer.bayes_names:  # one draw per tensor, in this order either way
                 if layer.perturbs_in_place(name):
                     perturbed[name] = layer._perturb(name)
@@ -315,9 +404,9 @@ def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> _Saved:
 def _restore(saved: _Saved) -> None:
     for layer, swapped, perturbed in saved:
         layer._parameters.update(swapped)
-        for name, original in perturbed.items():
-            layer._unperturb(name, original)
-        layer._bayes_active = False
+        for draw in perturbed.values():
+            layer._unperturb(draw)
+        layer.__dict__["_bayes_active"] = False
 
 
 # --------------------------------------------------------------------- class swap
@@ -429,7 +518,7 @@ def make_deterministic(module: nn.Module) -> nn.Module:
             del module._parameters[f"{name}_rho"]
             del module._buffers[f"{name}_idx"]
         del module._buffers["bayes_prior"]
-        for attr in ("bayes_names", "bayes_sampling", "_bayes_active"):
+        for attr in ("bayes_names", "bayes_sampling", "_bayes_active", "_bayes_cache"):
             module.__dict__.pop(attr, None)
     if isinstance(module, (BayesianLayer, BayesianOwner)):
         module.__class__ = module._bayes_base

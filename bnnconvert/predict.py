@@ -36,9 +36,11 @@ __all__ = [
     "AMP_DTYPES",
     "Prediction",
     "amp_autocast",
+    "eval_mode",
     "mean_weights",
     "predict",
     "predict_batches",
+    "split_batch",
     "uncertainty_terms",
 ]
 
@@ -124,7 +126,7 @@ def _float(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _summarise(outputs: Tensor, activation: str) -> dict[str, Tensor | None]:
+def summarise_outputs(outputs: Tensor, activation: str) -> dict[str, Tensor | None]:
     """Probabilities and uncertainty of S raw outputs (S, N, ...) of one batch."""
     outputs = _float(outputs)
     terms: tuple[Tensor | None, ...] = (None, None, None)
@@ -288,7 +290,7 @@ class Prediction:
 
 # --------------------------------------------------------------------- predict
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode within the block; each module's own training flag restored afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -299,7 +301,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
+def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     """(input, target or None) of a batch: a tensor, or a sequence (input, target, ...)."""
     if isinstance(batch, Tensor):
         return batch, None
@@ -312,7 +314,9 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
     )
 
 
-def _batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
+def tensor_batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
+    """Batches of ``data``: a tensor (N, ...) split into ``batch_size`` rows (one batch if
+    None), or an iterable of batches (a DataLoader) as it is (then batch_size must be None)."""
     if isinstance(data, Tensor):
         if batch_size is None:
             return [data]
@@ -361,7 +365,7 @@ def predict_batches(
     _check_args(samples, activation)
     amp_autocast(None, amp)  # checks the name now, not at the first batch
     device = _model_device(model) if device is None else torch.device(device)
-    batches = _batches(data, batch_size)
+    batches = tensor_batches(data, batch_size)
     single = isinstance(data, Tensor) and batch_size is None
     disable = (not progress) if progress is not None else (True if single else None)
     batches = tqdm(batches, desc="predict", unit="batch", disable=disable)
@@ -379,12 +383,12 @@ def _stream(
     amp: str | None,
 ) -> Iterator[Prediction]:
     for batch in batches:
-        x, target = _split_batch(batch)
+        x, target = split_batch(batch)
         if device is not None:
             x = x.to(device, non_blocking=True)
-        with _eval_mode(model), torch.no_grad(), amp_autocast(x.device, amp):
+        with eval_mode(model), torch.no_grad(), amp_autocast(x.device, amp):
             outputs = mc_outputs(model, x, samples)
-        summary = _summarise(outputs, activation)
+        summary = summarise_outputs(outputs, activation)
         if not keep_samples:
             summary["samples"] = None
         if output_device is not None:

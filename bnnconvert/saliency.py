@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -300,7 +301,7 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device)
         for batch in data:
             if num_batches is not None and batches >= num_batches:
                 break
-            x, y = _unpack(batch, tensors[0].device)
+            x, y = unpack_batch(batch, tensors[0].device)
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -341,7 +342,9 @@ def _all_reduce(acc: list[Tensor], batches: int, samples: int) -> tuple[int, int
     return int(counts[0]), int(counts[1])
 
 
-def _unpack(batch, device):
+def unpack_batch(batch: Any, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
+    """(input, target) of a training batch, moved to ``device``; a clear TypeError for
+    anything that is not an (input, target, ...) sequence."""
     if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
         raise TypeError(
             "each batch must be an (input, target) pair, e.g. from a DataLoader over a "

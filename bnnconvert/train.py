@@ -57,8 +57,8 @@ from . import distributed
 from .elbo import BetaSchedule, elbo_loss
 from .io import check_output_path, save
 from .layers import bayesian_layers
-from .predict import Prediction, _eval_mode, amp_autocast, mean_weights, predict
-from .saliency import LossFn, _unpack, atomic_torch_save, default_loss, is_main_process
+from .predict import Prediction, amp_autocast, eval_mode, mean_weights, predict
+from .saliency import LossFn, atomic_torch_save, default_loss, is_main_process, unpack_batch
 
 __all__ = [
     "TASKS",
@@ -136,8 +136,8 @@ def check_fit(
     """Raise ValueError if the data does not fit the model: one forward (at mu, eval mode,
     no gradient) and one loss on the first two samples (or the first batch)."""
     device = next(model.parameters()).device
-    x, y = _unpack(_first_batch(data), device)
-    with _eval_mode(model), torch.no_grad(), mean_weights(model):
+    x, y = unpack_batch(first_batch(data), device)
+    with eval_mode(model), torch.no_grad(), mean_weights(model):
         try:
             out = model(x)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -157,7 +157,7 @@ def check_fit(
             ) from None
 
 
-def _first_batch(data: Iterable) -> Any:
+def first_batch(data: Iterable) -> Any:
     """A small batch without advancing a DataLoader's sampler (no RNG is drawn)."""
     dataset = getattr(data, "dataset", None)
     collate = getattr(data, "collate_fn", None)
@@ -257,7 +257,7 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------- RNG
-def _generators(data: Iterable) -> list[torch.Generator]:
+def loader_generators(data: Iterable) -> list[torch.Generator]:
     """The torch.Generators that decide a DataLoader's order and worker seeds."""
     sampler = getattr(data, "sampler", None)
     batch_sampler = getattr(data, "batch_sampler", None)
@@ -283,7 +283,7 @@ def _rng_state(data: Iterable) -> dict[str, Any]:
         "cuda": torch.cuda.get_rng_state_all() if cuda else [],
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": [version, list(internal), gauss_next],
-        "generators": [g.get_state() for g in _generators(data)],
+        "generators": [g.get_state() for g in loader_generators(data)],
     }
 
 
@@ -298,7 +298,7 @@ def _set_rng_state(state: Mapping[str, Any], data: Iterable, generators: bool = 
     random.setstate((version, tuple(internal), gauss_next))
     if not generators:
         return
-    gens = _generators(data)
+    gens = loader_generators(data)
     if len(gens) != len(state["generators"]):
         raise ValueError("the data's generators differ from the checkpoint's; pass --restart")
     for g, s in zip(gens, state["generators"]):
@@ -633,7 +633,7 @@ def _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_st
         leave=False,
     )
     for batch in bar:
-        x, y = _unpack(batch, device)
+        x, y = unpack_batch(batch, device)
         values = step_fn(run, x, y)
         run.step += 1
         run.global_step += 1

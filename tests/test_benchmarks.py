@@ -31,8 +31,11 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
         "pred5_hoisted_ratio",
         "elbo5_plain_ratio",
         "elbo5_hoisted_ratio",
+        "pred5_floor_ratio",
+        "elbo5_floor_ratio",
         "kl_ms",
         "draw_ms",
+        "predict5_ms",
     ):
         assert ours[key] > 0, key
     assert variants["bayesian-torch"]["memory_ratio"] > 2  # mu, rho and three buffers

@@ -380,6 +380,81 @@ def test_prediction_perturbs_in_place_with_the_same_samples(resnet):
     assert isinstance(pbnn.conv1._parameters["weight"], nn.Parameter)
 
 
+def test_posterior_cache_gives_the_same_draws_with_one_softplus(resnet, monkeypatch):
+    from bnnconvert import layers as layers_mod
+    from bnnconvert.hoist import mc_outputs
+
+    pbnn = convert(resnet, _mixed_masks(resnet), None)
+    x = torch.randn(2, 1, 32, 32)
+    params = {n: p.detach().clone() for n, p in pbnn.named_parameters()}
+    calls = []
+    softplus = layers_mod.F.softplus
+    monkeypatch.setattr(layers_mod.F, "softplus", lambda t: calls.append(t.numel()) or softplus(t))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        uncached = torch.stack([pbnn(x) for _ in range(4)])  # one softplus per tensor and draw
+        assert len(calls) == 3 * 4
+        calls.clear()
+        torch.manual_seed(5)
+        cached = mc_outputs(pbnn, x, 4, hoist=False)
+    assert len(calls) == 3  # conv1.weight, fc.weight, fc.bias: once each for 4 draws
+    assert torch.equal(cached, uncached) and not torch.equal(cached[0], cached[1])
+    for n, p in pbnn.named_parameters():
+        assert torch.equal(p, params[n]), n
+    assert all(m._bayes_cache is None for _, m in bayesian_layers(pbnn))  # dropped after
+
+
+def test_posterior_cache_follows_changes_of_rho_and_mu(resnet):
+    from bnnconvert.layers import posterior_cache
+
+    pbnn = convert(resnet, _mixed_masks(resnet), None)
+    x = torch.randn(2, 1, 32, 32)
+
+    def change(model):  # in place, as an optimiser step does
+        model.conv1.weight_rho.add_(0.5)
+        model.fc.bias_rho.sub_(0.25)
+        model.conv1.weight.mul_(1.5)
+
+    reference = copy.deepcopy(pbnn)
+    with torch.no_grad():
+        torch.manual_seed(6)
+        expected = [reference(x)]
+        change(reference)
+        expected.append(reference(x))
+        torch.manual_seed(6)
+        with posterior_cache(pbnn):
+            got = [pbnn(x)]
+            change(pbnn)
+            got.append(pbnn(x))
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(pbnn.conv1.weight, reference.conv1.weight)
+
+
+def test_posterior_cache_in_training_keeps_gradients(resnet):
+    from bnnconvert.layers import posterior_cache
+
+    pbnn = convert(resnet, _mixed_masks(resnet), None)
+    x, y = torch.randn(3, 1, 32, 32), torch.tensor([0, 1, 2])
+
+    def grads(cache: bool):
+        pbnn.zero_grad()
+        torch.manual_seed(7)
+        if cache:
+            with posterior_cache(pbnn):
+                loss = sum(F.cross_entropy(pbnn(x), y) for _ in range(3))
+        else:
+            loss = sum(F.cross_entropy(pbnn(x), y) for _ in range(3))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in pbnn.named_parameters()}
+
+    loss_plain, plain = grads(False)
+    loss_cached, cached = grads(True)
+    assert torch.equal(loss_plain, loss_cached)
+    for n, g in plain.items():  # the shared sigma sums its three branches' gradients
+        torch.testing.assert_close(cached[n], g, rtol=1e-5, atol=1e-7, msg=n)
+    assert cached["conv1.weight_rho"].abs().sum() > 0
+
+
 def test_failed_forward_restores_mu(resnet):
     pbnn = convert(resnet, _mixed_masks(resnet), None)
     before = {n: p.detach().clone() for n, p in pbnn.named_parameters()}

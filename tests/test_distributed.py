@@ -27,7 +27,7 @@ from bnnconvert.elbo import elbo_loss
 from bnnconvert.io import build_model, load, parse_arch_kwargs, save
 from bnnconvert.layers import bayesian_layers
 from bnnconvert.models import resnet18
-from bnnconvert.predict import _eval_mode, mean_weights
+from bnnconvert.predict import eval_mode, mean_weights
 from bnnconvert.saliency import Saliency, compute_saliency
 from bnnconvert.train import seed_everything, train
 
@@ -171,7 +171,7 @@ def _ddp_worker(rank, world, ports, folder):
         # run resumed from its rank-0 checkpoint
         model, result = _run(folder, "full")
         x = next(iter(digits_loader("test", batch_size=32)))[0]
-        with _eval_mode(model), torch.no_grad(), mean_weights(model):
+        with eval_mode(model), torch.no_grad(), mean_weights(model):
             at_mu = model(x)
         torch.save(
             {"at_mu": at_mu, "state": model.state_dict(), "history": result.history},
@@ -228,7 +228,7 @@ def test_ddp_rank0_output_loads_in_one_process_with_identical_outputs(ddp_run):
     ranks = [torch.load(ddp_run / f"full{r}.pt") for r in range(2)]
     loaded = load(ddp_run / "full.pt")
     x = next(iter(digits_loader("test", batch_size=32)))[0]
-    with _eval_mode(loaded), torch.no_grad(), mean_weights(loaded):
+    with eval_mode(loaded), torch.no_grad(), mean_weights(loaded):
         at_mu = loaded(x)
     assert torch.equal(at_mu, ranks[0]["at_mu"]) and torch.equal(at_mu, ranks[1]["at_mu"])
     for key, value in loaded.state_dict().items():  # every rank ends with rank 0's model

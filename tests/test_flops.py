@@ -109,7 +109,7 @@ def test_overhead_is_the_hand_count_and_grows_with_k(small):
     for r in (0.01, 0.05, 0.2, 1.0):
         report = count_flops(convert(small, "magnitude", r), x)
         k = report.bayesian_entries
-        scatter = "add" if r == 1.0 else "index_add"  # dense: mu + noise
+        scatter = "add" if r == 1.0 else "scatter_add"  # dense: mu + noise
         assert report.bayes_by_operator == {"softplus": k, "randn_like": k, "mul": k, scatter: k}
         assert report.bayes_overhead == 4 * k
         assert report.deterministic_part == det.total  # the network itself is unchanged

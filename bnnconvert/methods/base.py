@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from ..flops import count_flops, training_cost
 from ..hoist import mc_outputs
 from ..layers import is_convertible
-from ..predict import Prediction, _batches, _eval_mode, _split_batch, _summarise
+from ..predict import Prediction, eval_mode, split_batch, summarise_outputs, tensor_batches
 from ..saliency import LossFn
-from ..train import TASKS, TrainResult, _generators, data_task, task_loss, train
+from ..train import TASKS, TrainResult, data_task, loader_generators, task_loss, train
 
 __all__ = [
     "Method",
@@ -146,10 +146,10 @@ class Method(ABC):
         _check_samples(samples)
         device = self.device
         parts = []
-        for batch in _batches(data, batch_size):
-            x, target = _split_batch(batch)
+        for batch in tensor_batches(data, batch_size):
+            x, target = split_batch(batch)
             with torch.no_grad():
-                summary = _summarise(self.outputs(x.to(device), samples), self.activation)
+                summary = summarise_outputs(self.outputs(x.to(device), samples), self.activation)
             if not keep_samples:
                 summary["samples"] = None
             if target is not None:
@@ -233,7 +233,7 @@ def _check_samples(samples: int) -> None:
 def model_outputs(model: nn.Module, x: Tensor, samples: int) -> Tensor:
     """``samples`` forward passes of ``model`` in eval mode: (S, N, C, ...), through
     :func:`bnnconvert.hoist.mc_outputs` (modes restored afterwards)."""
-    with _eval_mode(model):
+    with eval_mode(model):
         return mc_outputs(model, x, samples)
 
 
@@ -262,7 +262,7 @@ def reseed_data(data: Iterable, seed: int) -> None:
     """Reseed the generators that decide a DataLoader's order (e.g. from
     :func:`bnnconvert.data.make_loader`), so that a run sees the order of ``seed``.
     Loaders without a generator follow torch's global RNG (seeded by ``train(seed=)``)."""
-    for g in _generators(data):
+    for g in loader_generators(data):
         g.manual_seed(seed)
 
 

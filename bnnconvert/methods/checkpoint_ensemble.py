@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, update_bn
 
 from ..flops import count_flops
-from ..predict import _eval_mode
+from ..predict import eval_mode
 from ..train import seed_everything
 from .base import Method, model_outputs
 
@@ -185,7 +185,7 @@ class CheckpointEnsemble(Method):
     def outputs(self, x: Tensor, samples: int) -> Tensor:
         if not self.checkpoints:
             raise RuntimeError("no checkpoint yet: call fit() first")
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return torch.stack([functional_call(self.model, c, (x,)) for c in self.checkpoints])
 
     def num_parameters(self) -> int:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..flops import count_flops, training_cost
 from ..metrics import auc, evaluate
-from ..predict import Prediction, _split_batch
+from ..predict import Prediction, split_batch
 from ..train import seed_everything, train
 from .base import Method, reseed_data
 from .ensemble import Ensemble
@@ -190,7 +190,7 @@ def _note(method: Method, ensemble: bool) -> str:
 
 def _reference_cost(model: nn.Module, data: Iterable, epochs: int, pretrain: int) -> dict:
     """The deterministic pipeline's cost: one batch, its forward, step and epochs."""
-    x, _ = _split_batch(next(iter(data)))
+    x, _ = split_batch(next(iter(data)))
     steps = len(data) if hasattr(data, "__len__") else 1
     step = training_cost(model, x).per_step
     return {

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..predict import _split_batch
+from ..predict import split_batch
 from ..saliency import LossFn
 from .base import Method, model_outputs
 
@@ -81,7 +81,7 @@ class Deterministic(Method):
         """Logits (N, C, ...) at T = 1 and targets of every batch, on the CPU."""
         outs, targets = [], []
         for batch in data:
-            x, y = _split_batch(batch)
+            x, y = split_batch(batch)
             if y is None:
                 raise ValueError("val_data must yield (input, target) batches")
             with torch.no_grad():

@@ -37,9 +37,9 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from ..convert import convert
 from ..elbo import BetaSchedule
 from ..layers import is_convertible
-from ..predict import _eval_mode
-from ..saliency import _unpack
-from ..train import _first_batch
+from ..predict import eval_mode
+from ..saliency import unpack_batch
+from ..train import first_batch
 from .base import StackedBatch, stacked_loss
 from .variational import VariationalMethod
 
@@ -85,7 +85,7 @@ class FullBayes(VariationalMethod):
 
     def convert(self, model: nn.Module, train_data: Iterable, seed: int | None) -> nn.Module:
         if self.backend == "bayesian-torch":
-            x, _ = _unpack(_first_batch(train_data), self.device)
+            x, _ = unpack_batch(first_batch(train_data), self.device)
             converted = bayesian_torch_convert(model, x, **self.prior)
             if converted is not None:
                 self.backend_used = "bayesian-torch"
@@ -180,7 +180,7 @@ def _convert_and_check(model: nn.Module, probe: Tensor, params: dict) -> str | N
 
 
 def _reference_output(model: nn.Module, x: Tensor) -> Tensor:
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         return model(x)
 
 
@@ -200,7 +200,7 @@ def _restore_attributes(model: nn.Module, original: dict[str, nn.Module]) -> Non
 
 def _mismatch(model: nn.Module, probe: Tensor, reference: Tensor | None) -> str | None:
     """Why the converted model does not reproduce ``reference`` at mu, or None."""
-    with _zero_sigma(model), _eval_mode(model), torch.no_grad():
+    with _zero_sigma(model), eval_mode(model), torch.no_grad():
         out = model(probe)
     if reference is None:
         return None

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 
 from ..metrics import aula
 from ..models import UNet
-from ..predict import _eval_mode
-from ..saliency import _unpack
-from ..train import _first_batch
+from ..predict import eval_mode
+from ..saliency import unpack_batch
+from ..train import first_batch
 from .base import Method, StackedBatch, stacked_loss
 
 __all__ = ["LayerEnsemble", "LayerEnsembleNet", "default_stages"]
@@ -173,7 +173,7 @@ class LayerEnsemble(Method):
 
     def _build(self, model: nn.Module, x: Tensor) -> LayerEnsembleNet:
         """Attach heads sized from one eval-mode forward of ``x`` (N, ...)."""
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             output, features = _run_with_hooks(model, self.stages, x)
         classes, dims = output.shape[1], output.dim() - 2
         heads = [
@@ -198,7 +198,7 @@ class LayerEnsemble(Method):
         """Train network and heads for ``epochs`` epochs on the sum of the member losses."""
         self._begin(train_data, epochs, seed)
         if not isinstance(self.initial, LayerEnsembleNet):
-            x, _ = _unpack(_first_batch(train_data), self.device)
+            x, _ = unpack_batch(first_batch(train_data), self.device)
             if seed is not None:
                 torch.manual_seed(seed)
             self.initial = self._build(self.initial, x)
@@ -214,7 +214,7 @@ class LayerEnsemble(Method):
         """The members from ``skip`` on: (K - skip, N, C, *spatial)."""
         if not isinstance(self.model, LayerEnsembleNet):
             raise RuntimeError("no heads yet: call fit() or pass example_input")
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self.model(x)[self.skip :]
 
     def aula(self, x: Tensor) -> Tensor:
