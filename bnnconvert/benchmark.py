@@ -29,7 +29,14 @@ import click
 import torch
 from torch import nn
 
-from .cli import _check_batch_size, _loader, _loss, _progress, data_options, model_options
+from .cli import (
+    check_batch_size,
+    cli_loader,
+    cli_task_loss,
+    data_options,
+    model_options,
+    show_progress,
+)
 from .io import build_model, load_checkpoint
 from .methods.compare import compare_methods_on_data, results_markdown
 from .methods.registry import check_method_names
@@ -355,9 +362,9 @@ def benchmark_command(
             "'temperature' needs --val-split (e.g. val)", param_hint="--methods"
         )
     check_output_folder(out)
-    _check_batch_size(o["batch_size"])
-    train_data = _loader(data, "train", True, o)
-    task, loss_fn = _loss(train_data, o["task"], False)
+    check_batch_size(o["batch_size"])
+    train_data = cli_loader(data, "train", True, o)
+    task, loss_fn = cli_task_loss(train_data, o["task"], False)
     task = task or "multiclass"
     net, label = _model(model, train_data, task, o)
     check_fit(net if isinstance(net, nn.Module) else net(), train_data, loss_fn, task)
@@ -365,7 +372,7 @@ def benchmark_command(
     result = run_benchmark(
         net,
         train_data,
-        _loader(data, test_split, False, o),
+        cli_loader(data, test_split, False, o),
         task=task,
         methods=names,
         sweep=SWEEP_R_BAYES if sweep else None,
@@ -373,15 +380,15 @@ def benchmark_command(
         pretrain_epochs=pretrain_epochs,
         samples=samples,
         seed=o["seed"],
-        ood_data=_loader(ood, ood_split, False, o) if ood else None,
-        val_data=_loader(data, val_split, False, o) if val_split else None,
+        ood_data=cli_loader(ood, ood_split, False, o) if ood else None,
+        val_data=cli_loader(data, val_split, False, o) if val_split else None,
         train_kwargs={
             "class_weights": weights,
             "device": o["device"],
             **({} if lr is None else {"lr": lr}),
         },
         settings={"data": data, "model": label, "ood": ood, "batch_size": o["batch_size"]},
-        progress=_progress(ctx),
+        progress=show_progress(ctx),
     )
     for path in result.write(out):
         click.echo(f"wrote {path}")

@@ -27,6 +27,7 @@ from typing import Any
 
 import click
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import __version__, distributed
@@ -42,7 +43,7 @@ from .io import (
     open_data,
     parse_arch_kwargs,
 )
-from .saliency import DATA_CRITERIA, FREE_CRITERIA, check_r_bayes, compute_saliency
+from .saliency import DATA_CRITERIA, FREE_CRITERIA, LossFn, check_r_bayes, compute_saliency
 from .train import (
     check_fit,
     checkpoint_path_for,
@@ -153,7 +154,9 @@ def _first_example(command: click.Command | None) -> str | None:
     return next((f"  {line}" for line in lines if line.startswith("bnnconvert ")), None)
 
 
-def _progress(ctx: click.Context) -> bool:
+def show_progress(ctx: click.Context) -> bool:
+    """Whether to draw progress bars: the root ``--progress/--no-progress`` flag, else
+    whether stderr is a terminal."""
     flag = ctx.find_root().params.get("progress")
     return sys.stderr.isatty() if flag is None else flag
 
@@ -280,11 +283,15 @@ output_option = click.option(
 )
 
 
-def _load_model(path: str, arch: str | None, arch_kwargs: dict, trust_pickle: bool):
+def load_cli_model(path: str, arch: str | None, arch_kwargs: dict, trust_pickle: bool) -> nn.Module:
+    """The model behind a command's MODEL argument and ``--arch``/``--arch-kwargs``/
+    ``--trust-pickle`` options (:func:`bnnconvert.io.load_checkpoint`)."""
     return load_checkpoint(path, arch, arch_kwargs or None, trust_pickle=trust_pickle)
 
 
-def _loader(data: str, split: str, shuffle: bool, o: dict[str, Any]) -> Iterable:
+def cli_loader(data: str, split: str, shuffle: bool, o: dict[str, Any]) -> Iterable:
+    """The DataLoader of ``--data`` (a file, folder or ``demo:`` name) for ``split``, with
+    the command's batch size, seed and image options ``o``."""
     return open_data(
         data,
         split,
@@ -297,7 +304,9 @@ def _loader(data: str, split: str, shuffle: bool, o: dict[str, Any]) -> Iterable
     )
 
 
-def _loss(loader: Iterable, task: str | None, weighted: bool):
+def cli_task_loss(loader: Iterable, task: str | None, weighted: bool) -> tuple[str | None, LossFn]:
+    """(task, loss function) for ``loader``: ``--task`` or the task the data declares,
+    with inverse-frequency class weights if ``weighted``."""
     task = task or data_task(loader)
     weights = data_class_weights(loader) if weighted and task is not None else None
     return task, task_loss(task, weights)
@@ -305,15 +314,16 @@ def _loss(loader: Iterable, task: str | None, weighted: bool):
 
 def _saliency_data(ctx, net, data: str, split: str, weighted: bool, o: dict[str, Any]):
     """(progress-wrapped loader, loss) of the saliency pass, checked against the model."""
-    _check_batch_size(o["batch_size"])
-    loader = _loader(data, split, False, o)
-    task, loss_fn = _loss(loader, o["task"], weighted)
+    check_batch_size(o["batch_size"])
+    loader = cli_loader(data, split, False, o)
+    task, loss_fn = cli_task_loss(loader, o["task"], weighted)
     check_fit(net, loader, loss_fn, task)
-    bar = tqdm(loader, desc="saliency", unit="batch", disable=not _progress(ctx), leave=False)
+    bar = tqdm(loader, desc="saliency", unit="batch", disable=not show_progress(ctx), leave=False)
     return bar, loss_fn
 
 
-def _check_batch_size(value: int) -> None:
+def check_batch_size(value: int) -> None:
+    """Raise click.BadParameter (exit code 2) for a ``--batch-size`` below 1."""
     if value < 1:
         raise click.BadParameter(f"must be >= 1, got {value}", param_hint="--batch-size")
 
@@ -373,7 +383,7 @@ def saliency(
     check_output_path(output)
     if criterion in DATA_CRITERIA and data is None:
         raise click.UsageError(f"--criterion {criterion} needs --data (the training data)")
-    net = _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     loader = loss_fn = None
     if criterion in DATA_CRITERIA:
         loader, loss_fn = _saliency_data(ctx, net, data, split, class_weights, o)
@@ -454,7 +464,7 @@ def convert(
     if saliency_ is None and data is None:
         raise click.UsageError("pass --saliency FILE (from `bnnconvert saliency`) or --data")
     check_output_path(output)
-    net = _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     loader = loss_fn = None
     if saliency_ is None:
         loader, loss_fn = _saliency_data(ctx, net, data, "train", True, o)
@@ -588,7 +598,7 @@ def train(
     weight); a deterministic MODEL, or a new one from --arch, with the plain NLL.
     """
     check_output_path(output)
-    _check_batch_size(o["batch_size"])
+    check_batch_size(o["batch_size"])
     if model is None and o["arch"] is None:
         raise click.UsageError("pass MODEL (a converted or trained model) or --arch to train one")
     if nproc > 1:
@@ -600,18 +610,18 @@ def train(
         return
     ctx.with_resource(_process_group(o["device"]))  # left when the command ends
     main_rank = distributed.is_main_process()
-    show = _progress(ctx) and main_rank
+    show = show_progress(ctx) and main_rank
     seed_everything(o["seed"])  # a model built from --arch starts from seeded weights
     net = (
-        _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+        load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
         if model
         else build_model(o["arch"], o["arch_kwargs"])
     )
-    loader = _loader(data, "train", True, o)
-    task, loss_fn = _loss(loader, o["task"], class_weights)
+    loader = cli_loader(data, "train", True, o)
+    task, loss_fn = cli_task_loss(loader, o["task"], class_weights)
     validate = None
     if val_split:
-        val = _loader(data, val_split, False, o)
+        val = cli_loader(data, val_split, False, o)
         validate = partial(_validation, val, task, samples, show, amp)
     ckpt = checkpoint_path_for(output)
     try:
@@ -770,15 +780,15 @@ def evaluate(
     """
     if json_path:
         check_output_path(json_path)
-    _check_batch_size(o["batch_size"])
-    net = _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
-    loader = _loader(data, split, False, o)
-    task, loss_fn = _loss(loader, o["task"], False)
+    check_batch_size(o["batch_size"])
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    loader = cli_loader(data, split, False, o)
+    task, loss_fn = cli_task_loss(loader, o["task"], False)
     net.to(o["device"])
     seed_everything(o["seed"])  # the Monte Carlo samples
     check_fit(net, loader, loss_fn, task)
     prediction, metrics = evaluate_model(
-        net, loader, task, samples=samples, device=o["device"], progress=_progress(ctx)
+        net, loader, task, samples=samples, device=o["device"], progress=show_progress(ctx)
     )
     click.echo(_table(metrics, f"{model} on {data} [{split}], {len(prediction)} items"))
     if json_path:
@@ -849,7 +859,7 @@ Examples:
 @model_options
 def info(model: str, as_json: bool, **o: Any) -> None:
     """Architecture and Bayesian entries per layer."""
-    net = _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     facts = describe(net)
     if as_json:
         click.echo(json.dumps(facts, indent=2))

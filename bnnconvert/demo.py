@@ -549,11 +549,11 @@ def demo_command(
     and a UNet (nuclei), saliency, convert at r_bayes = 1 %, ELBO fine-tuning, then compare
     with the deterministic model trained for as many extra epochs (metrics, OOD AUROC,
     FLOPs) and write the report and plots."""
-    from .cli import _progress
+    from .cli import show_progress
 
     if quick and full:
         raise click.UsageError("pass either --quick or --full, not both")
-    progress = _progress(click.get_current_context())
+    progress = show_progress(click.get_current_context())
     result = run_demo(
         out, quick=quick, full=full, seed=seed, device=device, r_bayes=r_bayes, progress=progress
     )

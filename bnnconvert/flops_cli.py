@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from .cli import _load_model, model_options
+from .cli import load_cli_model, model_options
 from .flops import compare_methods, count_flops, flops_report_text, parse_input_shape
 
 __all__ = ["flops"]
@@ -72,7 +72,7 @@ def flops(
 ) -> None:
     """FLOPs per forward (fvcore), the Bayesian overhead, and with --compare the training
     and inference cost of each method."""
-    net = _load_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     if not as_json:
         click.echo(flops_report_text(net, input_shape, device, compare, samples, convention))
         return
