@@ -8,7 +8,9 @@ from torch import nn
 
 from bnnconvert.models import UNet, resnet18
 
-# Two cores, often shared: one intra-op thread avoids OpenMP spin-waiting between workers.
+# One intra-op thread for the whole session (nothing in the package changes it): no OpenMP
+# spin-waiting on a shared 2-core machine, and the same summation order in every test (the
+# resume tests compare results bit for bit with uninterrupted runs).
 torch.set_num_threads(1)
 
 

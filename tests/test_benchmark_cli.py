@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from torch import nn
 
@@ -45,14 +44,6 @@ def conv_linear_entries(model: nn.Module) -> int:
     """Weights and biases of the Conv/Linear layers: what the saliency ranks."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     return sum(p.numel() for m in layers for p in m.parameters())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

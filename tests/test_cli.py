@@ -45,17 +45,6 @@ def _npz(path: Path, n: dict[str, int], rgb: bool = False, classes: int | None =
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread here and in the subprocesses: identical summation order in and
-    out of process (the resume test compares bits), and no OpenMP spinning on a busy
-    2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """Workspace: 32/16/16 real digit images."""

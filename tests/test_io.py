@@ -34,15 +34,6 @@ UNET_KWARGS = {"in_channels": 1, "num_classes": 2, "base": 4, "depth": 2}
 DEMO = Path(bnnconvert.__file__).parent / "demo_data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: no OpenMP spinning on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def x():
     return torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(7))

@@ -44,15 +44,6 @@ TWO_EPOCHS = ("checkpoint_ensemble", "swa")  # too short for gamma T: the last e
 
 
 # ------------------------------------------------------------------------ real data
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these tiny models run faster so on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def cls_data():
     """64 real digits (1 x 28 x 28, 10 classes), 2 batches of 32."""

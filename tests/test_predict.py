@@ -9,7 +9,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnnconvert
-from bnnconvert.predict import Prediction, mean_weights, predict, predict_batches
+from bnnconvert.predict import (
+    Prediction,
+    eval_mode,
+    mean_weights,
+    predict,
+    predict_batches,
+    split_batch,
+)
 
 
 def small_cnn(classes: int = 3) -> nn.Module:
@@ -234,6 +241,29 @@ def test_eval_mode_matches_model_eval(pbnn):
         pbnn.eval()
         expected = torch.softmax(pbnn(x), 1)
     assert torch.allclose(pred.probs, expected, atol=1e-6)
+
+
+def test_eval_mode_restores_each_module_flag(pbnn):
+    pbnn.train()
+    pbnn[1].eval()  # a mixed state: one BatchNorm already in eval mode
+    before = [m.training for m in pbnn.modules()]
+    with eval_mode(pbnn):
+        assert not any(m.training for m in pbnn.modules())
+    assert [m.training for m in pbnn.modules()] == before
+    with pytest.raises(RuntimeError), eval_mode(pbnn):
+        raise RuntimeError("a failing forward")
+    assert [m.training for m in pbnn.modules()] == before
+
+
+def test_split_batch_forms_and_error():
+    x, y = torch.randn(2, 3), torch.tensor([0, 1])
+    assert split_batch(x) == (x, None)
+    for batch in ((x, y), [x, y, "meta"]):
+        got = split_batch(batch)
+        assert got[0] is x and got[1] is y
+    assert split_batch((x, "not a tensor")) == (x, None)
+    with pytest.raises(TypeError, match="cannot read a batch of type dict"):
+        split_batch({"image": x})
 
 
 def test_device_and_prediction_to_cpu(pbnn):
