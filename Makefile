@@ -4,18 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format docs bench clean
+.PHONY: demo test test-quick lint format docs bench clean
 
 demo: $(STAMP)  ## train, convert and evaluate on the bundled real data (under 10 min on 2 cores)
 	$(VENV)/bin/bnnconvert demo
 
-test: $(STAMP)  ## lint, format check and the test suite (no GPU needed)
+test: $(STAMP)  ## lint, import contract, format check and the test suite (no GPU needed)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
-lint: $(STAMP)
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+test-quick: $(STAMP)  ## the same without the integration tests (subprocesses, DDP, notebooks, docs, demo)
+	$(PY) -m pytest -q -m "not slow and not integration" --durations=15
+
+lint: $(STAMP)  ## ruff and the import contract (pyproject.toml [tool.importlinter])
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnnconvert
-from bnnconvert.hoist import hoist_plan, mc_outputs
+from bnnconvert.sampling import hoist_plan, mc_outputs
 from bnnconvert.layers import bayesian_layers, convertible_parameters, posterior_cache
 from bnnconvert.models import UNet, resnet18
 

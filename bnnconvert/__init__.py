@@ -5,14 +5,15 @@ saliency pass -> select the top r_bayes entries -> convert -> ELBO training -> M
 prediction with uncertainty.
 """
 
+from ._version import __version__ as __version__
 from .convert import BayesSummary, bayes_summary, convert, to_deterministic
+from .costs import ComparisonTable, compare_method_costs, compare_methods
 from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
-from .flops import ComparisonTable, FlopReport, compare_methods, count_flops, training_cost
-from .io import convert_checkpoint, load, load_checkpoint, save
+from .flops import FlopReport, count_flops, training_cost
+from .pipeline import convert_checkpoint
 from .predict import Prediction, mean_weights, predict, predict_batches
 from .saliency import Saliency, compute_saliency
-
-__version__ = "0.1.0"
+from .serialization import load, load_checkpoint, save
 
 __all__ = [
     "BayesSummary",
@@ -23,6 +24,7 @@ __all__ = [
     "Prediction",
     "Saliency",
     "bayes_summary",
+    "compare_method_costs",
     "compare_methods",
     "compute_saliency",
     "convert",

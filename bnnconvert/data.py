@@ -10,13 +10,18 @@ Every dataset yields ``(image, target)`` with ``image`` a float32 tensor ``(C, H
 - :func:`demo_classification`, :func:`demo_segmentation`, :func:`demo_ood`: the real images
   bundled in ``bnnconvert/demo_data`` (see its README), read through the two loaders above.
 - :func:`make_loader`: a seeded :class:`~torch.utils.data.DataLoader`.
+- :func:`open_data`: the loader of a data spec (a file, a folder, ``demo:<name>`` or
+  ``package.module:factory``), as the command line's ``--data`` names it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 import warnings
 import zipfile
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from types import ModuleType
@@ -28,14 +33,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ._utils import FACTORY_SPEC, resolve_factory
+
 __all__ = [
+    "DEMO_SETS",
     "MedMNISTDataset",
     "SegmentationFolderDataset",
     "demo_classification",
+    "demo_dataset",
     "demo_ood",
     "demo_segmentation",
     "make_loader",
     "medmnist_npz",
+    "open_data",
     "segmentation_folder",
 ]
 
@@ -658,3 +668,98 @@ def make_loader(
         num_workers=num_workers,
         drop_last=drop_last,
     )
+
+
+# ----------------------------------------------------------------------------- data specs
+def open_data(
+    spec: str | os.PathLike,
+    split: str = "train",
+    *,
+    batch_size: int = 32,
+    shuffle: bool = False,
+    seed: int = 0,
+    size: int | None = None,
+    as_rgb: bool | None = None,
+    num_workers: int = 0,
+) -> Iterable:
+    """A loader of (input, target) batches from a data spec (what the CLI's ``--data`` names).
+
+    - a MedMNIST-format ``.npz`` file (:func:`medmnist_npz`);
+    - a folder of ``images/`` and ``masks/`` (:func:`segmentation_folder`),
+      reading ``<folder>/<split>/`` when that subfolder exists;
+    - ``"package.module:factory"``: the factory is called with those of the keyword
+      arguments ``split``, ``batch_size``, ``shuffle``, ``seed`` that it accepts and must
+      return a DataLoader (or any iterable of (input, target) batches);
+    - a bundled real demo set: ``"demo:digits"`` (MNIST, splits train/val/test),
+      ``"demo:nuclei"`` (fluorescence nuclei tiles, train/test), ``"demo:ood"`` (photo
+      patches, the digits' out-of-distribution set; every split gives the same 500).
+
+    Loaders built here are seeded (:func:`make_loader`); training loaders
+    (``shuffle=True``) drop a last incomplete batch. The dataset's ``task`` and
+    ``class_weights()`` are reachable as ``loader.dataset``.
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if not path.exists() and text.startswith(DEMO_PREFIX):
+        dataset = demo_dataset(text, split, size=size, as_rgb=as_rgb)
+    elif not path.exists() and FACTORY_SPEC.match(text):
+        return _data_from_factory(text, split, batch_size, shuffle, seed)
+    elif path.is_dir():
+        sub = split if (path / split).is_dir() else None
+        if sub is None and not (path / "images").is_dir():
+            found = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"no {split}/ or images/ folder in {path} (it has {found}); a segmentation "
+                "folder holds images/ and masks/, optionally under train/, val/, test/"
+            )
+        dataset = segmentation_folder(path, sub, size=size)
+    elif path.is_file():
+        dataset = medmnist_npz(path, split, size=size, as_rgb=as_rgb)
+    else:
+        raise FileNotFoundError(
+            f"no data at {path}; pass a MedMNIST .npz file, a folder of images/ and masks/, "
+            "or package.module:factory returning a DataLoader"
+        )
+    drop_last = shuffle and len(dataset) > batch_size
+    return make_loader(
+        dataset,
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_workers=num_workers,
+        drop_last=drop_last,
+    )
+
+
+DEMO_PREFIX = "demo:"
+DEMO_SETS = ("digits", "nuclei", "ood")
+"""The bundled real data sets, named ``demo:<name>`` on the command line."""
+
+
+def demo_dataset(
+    spec: str, split: str = "train", *, size: int | None = None, as_rgb: bool | None = None
+) -> Dataset:
+    """The bundled data set named ``"demo:digits"``, ``"demo:nuclei"`` or ``"demo:ood"``."""
+    name = spec.removeprefix(DEMO_PREFIX)
+    if name == "digits":
+        return demo_classification(split, size=size, as_rgb=as_rgb)
+    if name == "nuclei":
+        return demo_segmentation(split, size=size)
+    if name == "ood":
+        return demo_ood(size=size, as_rgb=as_rgb)
+    names = ", ".join(DEMO_PREFIX + n for n in DEMO_SETS)
+    raise ValueError(f"unknown bundled data set {spec!r}; choose one of {names}")
+
+
+def _data_from_factory(spec: str, split: str, batch_size: int, shuffle: bool, seed: int):
+    factory = resolve_factory(spec, "data factory")
+    offered = {"split": split, "batch_size": batch_size, "shuffle": shuffle, "seed": seed}
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = offered
+    else:
+        kwargs = {k: v for k, v in offered.items() if k in params}
+    loader = factory(**kwargs)
+    if not isinstance(loader, Iterable):
+        raise ValueError(f"data factory {spec} returned {type(loader).__name__}, not a loader")
+    return loader

@@ -1,4 +1,4 @@
-"""``bnnconvert demo``: the paper's recipe end to end on the bundled real data.
+"""The paper's recipe end to end on the bundled real data (``bnnconvert demo``).
 
 :func:`run_demo` runs the three steps of the method twice, on real images that ship with
 the package (no download):
@@ -13,12 +13,14 @@ Step 1 trains the deterministic model for ``pretrain_epochs`` epochs; step 2 run
 saliency pass (:func:`bnnconvert.compute_saliency`); step 3 converts at each r_bayes
 (1 % by default) and fine-tunes with the ELBO for ``epochs`` epochs. The fair baseline is
 the step-1 model trained on with the plain NLL for the same ``epochs`` epochs. Every model
-is evaluated by :func:`bnnconvert.train.evaluate_model` (Monte Carlo prediction and
+is evaluated by :func:`bnnconvert.training.evaluate_model` (Monte Carlo prediction and
 :func:`bnnconvert.metrics.evaluate`); the classifiers also by the AUROC of telling the
-test digits from the OOD photographs by the entropy of the expected prediction. FLOPs are
-counted with :func:`bnnconvert.flops.compare_methods`.
+test digits from the OOD photographs by the entropy of the expected prediction
+(:func:`bnnconvert.metrics.entropy_auroc`). FLOPs are counted with
+:func:`bnnconvert.costs.compare_method_costs`.
 
-The fine-tuning settings are the :class:`Recipe`; its defaults are the ones tuned on the
+The settings are the :class:`Recipe`: a :class:`~bnnconvert.training.TrainSettings` for
+the extra epochs and the sigma initialisation; its defaults are the ones tuned on the
 bundled digits (see ``docs/results.md``). The budgets (:data:`BUDGETS`): "quick" (seconds,
 for the tests), "default" (about 4 minutes on an idle 2-core CPU) and "full" (the paper's
 protocol: 50 + 50 epochs, the r_bayes sweep 1 to 80 %).
@@ -35,68 +37,64 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
+from ._utils import atomic_write_text, json_safe
 from .convert import bayes_summary, convert
+from .costs import ComparisonTable, compare_method_costs
 from .data import demo_classification, demo_ood, demo_segmentation, make_loader
-from .flops import ComparisonTable, compare_methods
-from .io import atomic_write_text
 from .layers import bayesian_layers
-from .methods.compare import entropy_auroc, results_markdown
+from .losses import task_loss
+from .methods import results_markdown
+from .metrics import entropy_auroc
 from .models import UNet, resnet18
+from .plots import reliability_diagram, segmentation_overlay
 from .predict import Prediction, predict
 from .saliency import check_r_bayes, compute_saliency
-from .train import evaluate_model, seed_everything, task_loss, train
+from .training import TrainSettings, evaluate_model, seed_everything, train
 
-__all__ = ["BUDGETS", "FULL_RECIPE", "Budget", "DemoResult", "Recipe", "demo_command", "run_demo"]
+__all__ = ["BUDGETS", "FULL_RECIPE", "Budget", "DemoResult", "Recipe", "run_demo"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """The training settings (the defaults are those tuned in ``docs/results.md``).
+    """The settings of the demo (the defaults are those tuned in ``docs/results.md``).
 
     Attributes:
-        lr, momentum, weight_decay: SGD of the extra epochs: the ELBO fine-tuning and the
-            baseline's further NLL epochs alike (the paper's: lr 0.01, no momentum,
-            weight decay 1e-5; rho gets no weight decay).
+        training: how the extra epochs train, the ELBO fine-tuning and the baseline's
+            further NLL epochs alike (:class:`~bnnconvert.training.TrainSettings`): the
+            paper's SGD (lr 0.01, no momentum, weight decay 1e-5; rho gets no weight
+            decay), beta 0.01, the "mean" KL reduction and S = 2 samples per ELBO step.
         pretrain_momentum: SGD momentum of step 1 only (0.9 trains the deterministic
-            model in a few epochs; same lr and weight decay).
+            model in a few epochs; the rest of ``training`` alike).
         moped_delta: sigma initialisation sigma = moped_delta x |mu| (MOPED); None uses
             ``rho_init`` instead (sigma = softplus(rho_init), the paper's -3).
         rho_init: see ``moped_delta``.
         seg_moped_delta: the MOPED delta of the segmentation UNet (None: ``moped_delta``);
             0.3 collapsed its Dice from 0.94 to 0.86 on the nuclei, 0.1 kept it at 0.93
             (docs/results.md).
-        beta: the KL weight (number or :class:`~bnnconvert.BetaSchedule` string).
-        kl_reduction: "mean" (the paper's) or "sum" (see :func:`bnnconvert.kl_loss`).
-        samples: S posterior samples per ELBO training step (the paper: 5).
         eval_samples: posterior samples per prediction (the paper: 5).
     """
 
-    lr: float = 0.01
-    momentum: float = 0.0
-    weight_decay: float = 1e-5
+    training: TrainSettings = field(default_factory=partial(TrainSettings, samples=2))
     pretrain_momentum: float = 0.9
     moped_delta: float | None = 0.3
     rho_init: float = -3.0
     seg_moped_delta: float | None = 0.1
-    beta: float | str = 0.01
-    kl_reduction: str = "mean"
-    samples: int = 2
     eval_samples: int = 5
 
-    def optimizer(self, step_one: bool = False) -> dict[str, float]:
-        """The optimiser's keyword arguments of :func:`bnnconvert.train.train`."""
-        momentum = self.pretrain_momentum if step_one else self.momentum
-        return {"lr": self.lr, "momentum": momentum, "weight_decay": self.weight_decay}
+    def settings(self, step_one: bool = False) -> TrainSettings:
+        """The :class:`~bnnconvert.training.TrainSettings` of step 1 (``step_one``) or of
+        the extra epochs."""
+        return self.training.replace(momentum=self.pretrain_momentum) if step_one else self.training
 
     def sigma_init(self, task: str) -> dict[str, Any]:
         """The keyword arguments of :func:`bnnconvert.convert` that set the initial sigma."""
@@ -105,10 +103,6 @@ class Recipe:
             "rho_init": self.rho_init,
             "moped_delta": self.seg_moped_delta if seg else self.moped_delta,
         }
-
-    def elbo(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`bnnconvert.train.train` for step 3."""
-        return {"beta": self.beta, "kl_reduction": self.kl_reduction, "samples": self.samples}
 
 
 @dataclass(frozen=True)
@@ -148,7 +142,7 @@ BUDGETS: dict[str, Budget] = {
 """The demo's budgets: "quick" (the tests), "default" (about 4 minutes on an idle 2-core
 CPU, 24 under heavy load), "full" (the paper's 50 epochs, r_bayes 1 to 80 %)."""
 
-FULL_RECIPE = Recipe(pretrain_momentum=0.0, samples=5)
+FULL_RECIPE = Recipe(TrainSettings(samples=5), pretrain_momentum=0.0)
 """The recipe of ``full=True``: the paper's SGD (no momentum) and S = 5 throughout."""
 
 BATCH_SIZE = {"classification": 50, "segmentation": 10}
@@ -186,7 +180,7 @@ class DemoResult:
 
     def markdown(self) -> str:
         """The report: settings, the two comparison tables and the FLOP tables."""
-        b, r = self.budget, self.recipe
+        b, r, t = self.budget, self.recipe, self.recipe.training
         sigma = (
             f"MOPED sigma = {r.moped_delta:g} x |mu|"
             if r.moped_delta is not None
@@ -197,9 +191,9 @@ class DemoResult:
         lines = [
             "# bnnconvert demo",
             "",
-            f"Budget {b.name!r}, seed {self.seed}, {self.seconds:.0f} s. SGD lr {r.lr:g}, momentum "
-            f"{r.momentum:g}, weight decay {r.weight_decay:g}; step 3: {sigma}, beta {r.beta}, "
-            f"KL reduction {r.kl_reduction!r}, S = {r.samples} samples per training step, "
+            f"Budget {b.name!r}, seed {self.seed}, {self.seconds:.0f} s. SGD lr {t.lr:g}, momentum "
+            f"{t.momentum:g}, weight decay {t.weight_decay:g}; step 3: {sigma}, beta {t.beta}, "
+            f"KL reduction {t.kl_reduction!r}, S = {t.samples} samples per training step, "
             f"{r.eval_samples} per prediction.",
             "",
             f"## Classification: ResNet18 on the bundled digits (P = {b.pretrain_epochs}, "
@@ -218,22 +212,23 @@ class DemoResult:
         for name, table in self.flops.items():
             lines += ["", f"## FLOPs of each method ({name}, fvcore)", "", str(table)]
             lines.append(
-                f"- This table counts S = {r.samples} (the training samples); the predictions "
+                f"- This table counts S = {t.samples} (the training samples); the predictions "
                 f"above use {r.eval_samples}, see their inference column."
             )
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
         """The numbers as plain JSON types (NaN as None)."""
-        return {
+        recipe = {**asdict(self.recipe), "training": self.recipe.training.description()}
+        return json_safe({
             "budget": asdict(self.budget),
-            "recipe": asdict(self.recipe),
+            "recipe": recipe,
             "seed": self.seed,
             "seconds": self.seconds,
-            "classification": [_json_row(row) for row in self.classification],
-            "segmentation": [_json_row(row) for row in self.segmentation],
+            "classification": self.classification,
+            "segmentation": self.segmentation,
             "flops": {name: table.multiples() for name, table in self.flops.items()},
-        }
+        })  # fmt: skip
 
 
 def run_demo(
@@ -278,7 +273,7 @@ def run_demo(
     device = torch.device(device or "cpu")
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file; pass a folder for the demo's outputs (--out)")
+        raise ValueError(f"{folder} is a file; pass a folder for the demo's outputs (out=...)")
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=folder, prefix=".demo-") as tmp:
@@ -361,10 +356,10 @@ class _Run:
         seed_everything(self.seed)
         det = build().to(self.device)
         log.info("%s, step 1: deterministic training, %d epochs", kind, pretrain)
-        train(det, data, pretrain, **fit, **self.recipe.optimizer(step_one=True))
+        train(det, data, pretrain, self.recipe.settings(step_one=True), **fit)
         log.info("%s, baseline: %d more deterministic epochs", kind, epochs)
         baseline = copy.deepcopy(det)
-        train(baseline, data, epochs, **fit, **self.recipe.optimizer())
+        train(baseline, data, epochs, self.recipe.settings(), **fit)
         models = {"deterministic (step 1)": det, "deterministic": baseline}
         log.info("%s, step 2: saliency pass", kind)
         saliency = compute_saliency(det, data, task_loss(task), device=self.device)
@@ -372,7 +367,7 @@ class _Run:
             pbnn = convert(det, saliency, r, **self.recipe.sigma_init(task))
             log.info("%s, step 3: r_bayes %g %%, ELBO for %d epochs\n%s", kind, 100 * r,
                      epochs, bayes_summary(pbnn))  # fmt: skip
-            train(pbnn, data, epochs, **fit, **self.recipe.optimizer(), **self.recipe.elbo())
+            train(pbnn, data, epochs, self.recipe.settings(), **fit)
             models[_partial_name(r)] = pbnn
         return models
 
@@ -411,11 +406,11 @@ class _Run:
         det = next(iter(models.values()))
         x = next(iter(data))[0].to(self.device)  # a training batch: sampling is per batch
         steps = len(data)
-        table = compare_methods(
+        table = compare_method_costs(
             det,
             x,
             r_values=self.budget.r_values,
-            samples=self.recipe.samples,
+            samples=self.recipe.training.samples,
             epochs=epochs,
             steps_per_epoch=steps,
             pretrain_epochs=pretrain,
@@ -436,7 +431,8 @@ class _Run:
                 note = f"step 1 + {epochs} NLL epochs (the fair baseline)"
             else:
                 train_run, total = cost.train_run, pretrain + epochs
-                note = f"step 1 + saliency + {epochs} ELBO epochs (S = {self.recipe.samples})"
+                samples = self.recipe.training.samples
+                note = f"step 1 + saliency + {epochs} ELBO epochs (S = {samples})"
             row.update(
                 parameters=sum(p.numel() for p in models[name].parameters()),
                 train_flops_x=train_run / pipeline,
@@ -481,81 +477,14 @@ def _subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
 
 
 def _reliability(prediction: Prediction, path: Path, name: str) -> None:
-    from .plots import reliability_diagram
-
     title = f"{name}: reliability on the test digits"
     reliability_diagram(prediction.probs, prediction.targets, ECE_BINS, path, title=title)
 
 
 def _overlay(test_set: Dataset, prediction: Prediction, path: Path, name: str) -> None:
     """Input, overlay and entropy map of the test tile with the most foreground."""
-    from .plots import segmentation_overlay
-
     index = int(prediction.targets.flatten(1).sum(1).argmax())
     image, mask = test_set[index]
     title = f"{name}: test tile {index}"
     entropy = prediction.entropy[index]
     segmentation_overlay(image, prediction.probs[index].argmax(0), mask, entropy, path, title=title)
-
-
-def _json_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-
-
-# ---------------------------------------------------------------------- the command
-def _r_values(ctx: click.Context, param: click.Parameter, value: str | None):
-    if value is None:
-        return None
-    try:
-        values = tuple(float(v) / 100 for v in value.split(","))
-        for r in values:
-            check_r_bayes(r)
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"{exc}; give percentages separated by commas, e.g. 1,5,20"
-        ) from None
-    return values
-
-
-@click.command(
-    "demo",
-    epilog="""\b
-Examples:
-  bnnconvert demo                      # about 4 minutes on an idle 2-core CPU
-  bnnconvert demo --out results --seed 1 --r-bayes 1,5,20
-  bnnconvert demo --full --device cuda # the paper's 50 + 50 epochs, r_bayes 1 to 80 %""",
-)
-@click.option(
-    "--out",
-    default="demo_output",
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Folder for results.md, results.json and the plots.",
-)
-@click.option("--quick", is_flag=True, help="A tiny budget (seconds; for smoke tests).")
-@click.option("--full", is_flag=True, help="The paper's protocol: 50 + 50 epochs, S = 5, r 1-80 %.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seeds everything.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
-@click.option(
-    "--r-bayes",
-    callback=_r_values,
-    metavar="PERCENTS",
-    help="Bayesian fractions in percent, e.g. 1,5,20 (default: 1; --full: 1,5,10,20,40,80).",
-)
-def demo_command(
-    out: str, quick: bool, full: bool, seed: int, device: str, r_bayes: tuple | None
-) -> None:
-    """The paper's recipe end to end on the bundled real data: train a ResNet18 (digits)
-    and a UNet (nuclei), saliency, convert at r_bayes = 1 %, ELBO fine-tuning, then compare
-    with the deterministic model trained for as many extra epochs (metrics, OOD AUROC,
-    FLOPs) and write the report and plots."""
-    from .cli import show_progress
-
-    if quick and full:
-        raise click.UsageError("pass either --quick or --full, not both")
-    progress = show_progress(click.get_current_context())
-    result = run_demo(
-        out, quick=quick, full=full, seed=seed, device=device, r_bayes=r_bayes, progress=progress
-    )
-    click.echo(result.markdown())
-    click.echo("Wrote " + ", ".join(str(p) for p in result.files))

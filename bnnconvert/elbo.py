@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .hoist import mc_samples
+from ._utils import check_positive_int, model_device
 from .layers import bayesian_layers
-from .saliency import LossFn, default_loss
+from .losses import LossFn, default_loss
+from .sampling import mc_samples
 
 __all__ = ["BetaSchedule", "ELBOTerms", "elbo_loss", "kl_loss"]
 
@@ -39,8 +40,7 @@ def kl_loss(model: nn.Module, reduction: str = "mean") -> Tensor:
     if total is None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        return torch.zeros((), device=device)
+        return torch.zeros((), device=model_device(model))
     return total
 
 
@@ -148,13 +148,6 @@ def _check_nonneg(**values: float) -> None:
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
 
 
-def check_positive_int(**values: int) -> None:
-    """Raise ValueError naming the first keyword argument that is not an integer >= 1."""
-    for name, v in values.items():
-        if not (isinstance(v, int) and v >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-
 @dataclass
 class ELBOTerms:
     """The terms of one ELBO evaluation (scalar tensors): loss = nll + beta * kl."""
@@ -184,7 +177,7 @@ def elbo_loss(
         samples: S, the number of posterior samples (the paper uses 5).
         kl_reduction: "mean" (bayesian-torch convention, default) or "sum".
 
-    The S forwards go through :func:`bnnconvert.hoist.mc_samples`: where torch.fx can
+    The S forwards go through :func:`bnnconvert.sampling.mc_samples`: where torch.fx can
     trace the model, the part that no Bayesian entry influences runs forward (and, in
     ``backward()``, backward) once, and only the rest S times; the draws and losses equal
     the plain loop's under the same seed, the gradients up to float summation order.

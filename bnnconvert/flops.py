@@ -1,4 +1,4 @@
-"""FLOP counting with fvcore, on CPU or CUDA, and the training cost of each method.
+"""FLOP counting with fvcore, on CPU or CUDA: one forward pass, a training step and run.
 
 :func:`count_flops` traces one forward pass with fvcore's ``FlopCountAnalysis`` (which
 records the graph with ``torch.jit``'s tracer, without ``torch.jit.trace``'s consistency
@@ -63,8 +63,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .convert import convert, num_bayesian, to_deterministic
-from .elbo import check_positive_int, kl_loss
+from ._utils import check_positive_int, first_line, model_device
+from .convert import num_bayesian
+from .elbo import kl_loss
 from .layers import BayesianLayer, bayesian_layers
 
 with warnings.catch_warnings():  # fvcore.nn scripts a loss at import: a FutureWarning
@@ -73,14 +74,12 @@ with warnings.catch_warnings():  # fvcore.nn scripts a loss at import: a FutureW
     from fvcore.nn.jit_handles import get_shape
 
 __all__ = [
-    "ComparisonTable",
+    "BACKWARD_FACTOR",
     "FlopReport",
-    "MethodCost",
     "TrainingCost",
-    "compare_methods",
+    "convention_note",
     "count_flops",
-    "flops_report_text",
-    "parse_input_shape",
+    "format_flops",
     "training_cost",
 ]
 
@@ -253,8 +252,8 @@ class FlopReport:
             f"{'module':<{width}}  {'FLOPs':>12}" + ("  Bayesian sampling" if sampling else "")
         ]
         for name, flops, overhead in rows:
-            extra = f"  {_human(overhead):>17}" if overhead else ""
-            lines.append(f"{name:<{width}}  {_human(flops):>12}{extra}")
+            extra = f"  {format_flops(overhead):>17}" if overhead else ""
+            lines.append(f"{name:<{width}}  {format_flops(flops):>12}{extra}")
         return "\n".join(lines)
 
     def header(self) -> str:
@@ -263,7 +262,7 @@ class FlopReport:
         mode = "training" if self.train else "eval"
         return (
             f"FLOPs of {self.model_name or 'the model'}: input {shapes} on {self.device}, "
-            f"{mode} mode, x {self.samples} forward pass(es)\n{_convention_line(self.convention)}"
+            f"{mode} mode, x {self.samples} forward pass(es)\n{convention_note(self.convention)}"
         )
 
     def summary(self) -> str:
@@ -271,7 +270,7 @@ class FlopReport:
         share = 100.0 * self.bayes_overhead / self.total if self.total else 0.0
         unsupported = ", ".join(f"{op} x{n}" for op, n in self.unsupported_ops.items())
         return "\n".join([
-            f"total: {self.total:,} FLOPs ({_human(self.total)})",
+            f"total: {self.total:,} FLOPs ({format_flops(self.total)})",
             f"Bayesian overhead: {self.bayes_overhead:,} FLOPs ({share:.2f} % of the total) "
             f"for k = {self.bayesian_entries:,} Bayesian entries",
             f"unsupported operators (counted as 0): {unsupported or 'none'}",
@@ -281,7 +280,7 @@ class FlopReport:
         return f"{self.header()}\n\n{self.table()}\n\n{self.summary()}"
 
 
-def _human(n: float) -> str:
+def format_flops(n: float) -> str:
     """1234567 -> '1.23 M'."""
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
@@ -289,7 +288,8 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _convention_line(convention: str) -> str:
+def convention_note(convention: str) -> str:
+    """One line saying what a FLOP is under ``convention`` ("fma" or "flop")."""
     if convention == "fma":
         return "convention 'fma': one fused multiply-add = 1 FLOP (fvcore); 'flop' gives x2"
     return "convention 'flop': one multiply-add = 2 FLOPs (textbook, FlopCounterMode)"
@@ -349,7 +349,7 @@ def count_flops(
         convention=convention,
         train=train,
         input_shapes=tuple(tuple(x.shape) for x in inputs if isinstance(x, Tensor)),
-        device=str(_model_device(work)),
+        device=str(_device_of(work)),
         model_name=type(model).__name__,
     )
     _log_unsupported(report.unsupported_ops)
@@ -367,10 +367,9 @@ def _weigh(counts: Mapping[str, float], factor: int) -> int:
     return round(sum(v * (factor if op in MAC_OPS else 1) for op, v in counts.items()))
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU if it has none)."""
-    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
-    return torch.device("cpu") if tensor is None else tensor.device
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model is (the CPU for one without tensors)."""
+    return model_device(model) or torch.device("cpu")
 
 
 def _working_copy(
@@ -381,7 +380,7 @@ def _working_copy(
     if device is not None:
         work.to(device)
     work.train(train)
-    target = _model_device(work)
+    target = _device_of(work)
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     moved = tuple(x.to(target) if isinstance(x, Tensor) else x for x in inputs)
     return work, moved
@@ -467,10 +466,9 @@ def _raise_if_rejected(model: nn.Module, inputs: tuple) -> None:
             model(*inputs)
     except Exception as exc:  # the user's model may raise anything
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, Tensor))
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ValueError(
-            f"the model rejected an input of shape {shapes}: {first_line}; "
-            "pass inputs (--input-shape) matching the model"
+            f"the model rejected an input of shape {shapes}: {first_line(exc)}; "
+            "pass inputs=... matching the model"
         ) from None
 
 
@@ -528,14 +526,14 @@ class TrainingCost:
     def __str__(self) -> str:
         return "\n".join([
             self.forward.header(),
-            f"one forward: {_human(self.forward.total)} (Bayesian sampling "
-            f"{_human(self.forward.bayes_overhead)}), KL: {_human(self.kl)}",
+            f"one forward: {format_flops(self.forward.total)} (Bayesian sampling "
+            f"{format_flops(self.forward.bayes_overhead)}), KL: {format_flops(self.kl)}",
             f"per step: (1 + {self.backward_factor:g} backward) x ({self.samples} samples x "
-            f"forward + KL) = {self.per_step:,} FLOPs ({_human(self.per_step)})",
+            f"forward + KL) = {self.per_step:,} FLOPs ({format_flops(self.per_step)})",
             f"saliency pass: {self.saliency_batches} batches x forward+backward = "
-            f"{_human(self.saliency)}",
+            f"{format_flops(self.saliency)}",
             f"per run: {self.steps} steps + saliency = {self.per_run:,} FLOPs "
-            f"({_human(self.per_run)})",
+            f"({format_flops(self.per_run)})",
         ])  # fmt: skip
 
 
@@ -614,303 +612,3 @@ def _kl_flops(model: nn.Module, device) -> tuple[int, dict[str, int]]:
         total = fca.total()
     _log_unsupported(fca.unsupported_ops())
     return round(total), dict(fca.unsupported_ops())
-
-
-# ---------------------------------------------------------------------------- comparison
-@dataclass(frozen=True)
-class MethodCost:
-    """The cost of one method, absolute FLOPs and parameters (see :class:`ComparisonTable`).
-
-    forward: one eval-mode forward (one sample); inference: a prediction (S samples, or M
-    members); train_step: one training step; train_run: the whole training run.
-    """
-
-    method: str
-    bayesian_entries: int
-    parameters: int
-    forward: int
-    inference: int
-    train_step: int
-    train_run: int
-
-
-@dataclass(frozen=True)
-class ComparisonTable:
-    """Cost of each method in multiples of the deterministic model, like Table 1 of the
-    preprint. ``str(table)`` renders markdown; ``multiples()`` gives the numbers.
-
-    The first row is the deterministic model (1x by definition).
-    """
-
-    rows: list[MethodCost]
-    samples: int
-    members: int
-    epochs: int
-    full_bayes_epochs: int
-    pretrain_epochs: int
-    steps_per_epoch: int
-    saliency_batches: int
-    backward_factor: float
-    convention: str
-    input_shapes: tuple[tuple[int, ...], ...]
-    device: str
-
-    def multiples(self) -> dict[str, dict[str, float]]:
-        """{method: {"inference" | "train_step" | "train_run" | "parameters": x det}}."""
-        det = self.rows[0]
-        keys = ("inference", "train_step", "train_run", "parameters")
-        return {r.method: {k: getattr(r, k) / getattr(det, k) for k in keys} for r in self.rows}
-
-    def __str__(self) -> str:
-        mult = self.multiples()
-        lines = [
-            "| method | Bayesian entries | parameters | forward FLOPs | inference | "
-            "training step | training run |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for r in self.rows:
-            m = mult[r.method]
-            lines.append(
-                f"| {r.method} | {r.bayesian_entries:,} | {r.parameters:,} | {_human(r.forward)} "
-                f"| {m['inference']:.2f}x | {m['train_step']:.2f}x | {m['train_run']:.2f}x |"
-            )
-        return "\n".join([*lines, "", self.notes()])
-
-    def notes(self) -> str:
-        """What each multiplier counts."""
-        shapes = ", ".join(str(s) for s in self.input_shapes)
-        s, m, b = self.samples, self.members, self.backward_factor
-        return "\n".join([
-            f"Counted by fvcore on {self.device}, input {shapes}; "
-            f"{_convention_line(self.convention)}.",
-            f"- inference: S = {s} forwards for the Bayesian models (eval mode), M = {m} "
-            "member forwards for the ensemble, over one deterministic forward.",
-            f"- training step: (1 + {b:g} backward) x (S = {s} training-mode forwards + one KL) "
-            f"for the Bayesian models, M = {m} deterministic steps for the ensemble, over "
-            "one deterministic step (1 forward + backward). A Bayesian model's forward costs "
-            "the deterministic forward plus 4 FLOPs per Bayesian entry (5 for bayesian-torch) "
-            f"and its KL about 11 per entry, so its step is about {s}x when k is small "
-            "against one forward.",
-            f"- training run: {self.epochs} epochs x {self.steps_per_epoch} steps; partial "
-            f"models add the saliency pass ({self.saliency_batches} forward+backward "
-            f"batches) and {self.pretrain_epochs} epochs of deterministic pretraining; the "
-            f"fully Bayesian models train {self.full_bayes_epochs} epochs (ours at r = 1 "
-            f"also counts the pretraining, bayesian-torch trains from scratch); the ensemble "
-            f"trains M = {m} deterministic models.",
-            "- The preprint's multiples (partial 1 % 3.36x, 20 % 3.8x, Bayesian ~15x) do not "
-            "state what they count; these numbers count only what is listed here.",
-        ])  # fmt: skip
-
-
-def compare_methods(
-    model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
-    *,
-    r_values: Sequence[float] = (0.01, 0.05, 0.2),
-    members: int = 5,
-    samples: int = 5,
-    epochs: int = 50,
-    steps_per_epoch: int = 1,
-    saliency_batches: int | None = None,
-    pretrain_epochs: int = 0,
-    full_bayes_epochs: int | None = None,
-    backward_factor: float = BACKWARD_FACTOR,
-    bayesian_torch: bool = True,
-    device: str | torch.device | None = None,
-    convention: str = "fma",
-) -> ComparisonTable:
-    """The cost of each method for ``model``, in multiples of the deterministic model.
-
-    Rows: deterministic; an M-member ensemble; partial Bayesian for each r in
-    ``r_values``; fully Bayesian with bnnconvert (r = 1.0); fully Bayesian with
-    bayesian-torch's ``dnn_to_bnn`` (every Conv/Linear, reparameterization layers). The
-    Bayesian models are converted with magnitude saliency: the cost depends on k only,
-    not on which entries are selected.
-
-    Args:
-        model: the deterministic model (a converted one is first made deterministic);
-            not modified.
-        inputs: one batch at the training batch size (N, ...).
-        r_values: the fractions of Bayesian entries of the partial models, in (0, 1].
-        members: M, the ensemble size. samples: S, Monte Carlo samples (train and test).
-        epochs: training epochs of every method (the paper: 50).
-        steps_per_epoch: optimiser steps (batches) per epoch.
-        saliency_batches: batches of the saliency pass (default: one epoch).
-        pretrain_epochs: deterministic epochs before the conversion, added to the
-            methods that start from the trained model (partial and ours at r = 1); 0 takes
-            the trained model as given, as the deterministic and ensemble rows do.
-        full_bayes_epochs: epochs of the fully Bayesian models (default: ``epochs``);
-            the preprint notes that they needed more.
-        backward_factor, device, convention: as in :func:`training_cost`.
-        bayesian_torch: include the bayesian-torch row.
-
-    Returns a :class:`ComparisonTable`.
-
-    What the multiples count (F: one deterministic forward on ``inputs``; k: Bayesian
-    entries; each multiple is over the deterministic model's same quantity):
-
-    - inference: the ensemble runs M forwards (M x). A Bayesian model runs S forwards of a
-      network costing F plus its sampling, 4 FLOPs per Bayesian entry for bnnconvert
-      (softplus, normal draw, multiply, add) and 5 for bayesian-torch (exp and log1p
-      instead of softplus): S x (1 + 4k / F). Every sample is counted as a full forward.
-    - training step: deterministic (1 + b) x F with b the backward factor; a Bayesian
-      model (1 + b) x (S x (F + sampling) + KL), the KL costing about 11 FLOPs per
-      Bayesian entry; the ensemble M deterministic steps. So a partial model costs about
-      S x = 5x a deterministic step at any small r: the sampling and the KL are O(k), the
-      network is paid in full for every sample. The preprint's Table 1 gives 3.36x (1 %),
-      3.45x (5 %), 3.8x (20 %) and ~15x (fully Bayesian, averaged over datasets needing
-      different epochs) without saying what was counted; these numbers are not
-      reproduced here, and this count includes exactly what is listed.
-    - training run: steps x step, plus for the partial models the saliency pass
-      (``saliency_batches`` x (1 + b) x F) and ``pretrain_epochs`` deterministic epochs
-      (ours at r = 1 also counts the pretraining but needs no saliency pass; the
-      bayesian-torch model trains from scratch, for ``full_bayes_epochs``).
-    - Forwards are counted in eval mode for inference and in training mode for training
-      (BatchNorm: 2 vs 5 FLOPs per element).
-    """
-    check_positive_int(
-        members=members, samples=samples, epochs=epochs, steps_per_epoch=steps_per_epoch
-    )
-    if full_bayes_epochs is not None:
-        check_positive_int(full_bayes_epochs=full_bayes_epochs)
-    if pretrain_epochs < 0:
-        raise ValueError(f"pretrain_epochs must be >= 0, got {pretrain_epochs}")
-    for r in r_values:
-        if not 0 < r <= 1:
-            raise ValueError(f"every r in r_values must be in (0, 1], got {r}")
-    base = to_deterministic(model) if num_bayesian(model) else model
-    device = torch.device(device) if device is not None else _model_device(base)
-    plan = _Plan(
-        inputs, samples, epochs * steps_per_epoch, backward_factor, device, convention,
-        saliency_batches=steps_per_epoch if saliency_batches is None else saliency_batches,
-        full_steps=(full_bayes_epochs or epochs) * steps_per_epoch,
-    )  # fmt: skip
-    det = plan.deterministic(base)
-    pretrain = pretrain_epochs * steps_per_epoch * det.train_step
-    rows = [det, _ensemble(det, members)]
-    rows += [
-        plan.bayesian(f"partial r = {100 * r:g} %", base, r, pretrain) for r in r_values if r < 1
-    ]
-    rows.append(plan.bayesian("Bayesian (bnnconvert, r = 100 %)", base, 1.0, pretrain))
-    if bayesian_torch:
-        rows.append(plan.bayesian_torch(base))
-    shapes = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-    return ComparisonTable(
-        rows, samples, members, epochs, full_bayes_epochs or epochs, pretrain_epochs,
-        steps_per_epoch, plan.saliency_batches, backward_factor, convention,
-        tuple(tuple(x.shape) for x in shapes if isinstance(x, Tensor)), str(device),
-    )  # fmt: skip
-
-
-def _ensemble(det: MethodCost, members: int) -> MethodCost:
-    return MethodCost(
-        f"ensemble (M = {members})", 0, members * det.parameters, det.forward,
-        members * det.inference, members * det.train_step, members * det.train_run,
-    )  # fmt: skip
-
-
-@dataclass
-class _Plan:
-    """The shared settings of :func:`compare_methods`, and the cost of one method."""
-
-    inputs: Tensor | Sequence[Tensor]
-    samples: int
-    steps: int
-    backward_factor: float
-    device: torch.device
-    convention: str
-    saliency_batches: int
-    full_steps: int
-
-    def deterministic(self, model: nn.Module) -> MethodCost:
-        inference = self._forward(model, samples=1)
-        train = self._train(model, samples=1, steps=self.steps)
-        return MethodCost(
-            "deterministic", 0, _num_parameters(model), inference.total, inference.total,
-            train.per_step, train.per_run,
-        )  # fmt: skip
-
-    def bayesian(self, label: str, base: nn.Module, r: float, pretrain: int) -> MethodCost:
-        """bnnconvert at r; ``pretrain``: FLOPs of the deterministic training before it."""
-        model = convert(base, "magnitude", r)
-        full = r >= 1.0
-        steps = self.full_steps if full else self.steps
-        cost = self._method(label, model, steps, saliency=0 if full else self.saliency_batches)
-        return MethodCost(**{**cost.__dict__, "train_run": cost.train_run + pretrain})
-
-    def bayesian_torch(self, base: nn.Module) -> MethodCost:
-        from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
-
-        model = copy.deepcopy(base)  # dnn_to_bnn converts in place
-        dnn_to_bnn(model, BAYESIAN_TORCH_PRIOR)
-        return self._method("Bayesian (bayesian-torch dnn_to_bnn)", model, self.full_steps, 0)
-
-    def _method(self, label: str, model: nn.Module, steps: int, saliency: int) -> MethodCost:
-        inference = self._forward(model, samples=self.samples)
-        train = self._train(model, self.samples, steps, saliency)
-        return MethodCost(
-            label, inference.bayesian_entries, _num_parameters(model),
-            inference.per_forward, inference.total, train.per_step, train.per_run,
-        )  # fmt: skip
-
-    def _forward(self, model: nn.Module, samples: int) -> FlopReport:
-        return count_flops(
-            model, self.inputs, samples=samples, device=self.device, convention=self.convention
-        )
-
-    def _train(self, model: nn.Module, samples: int, steps: int, saliency: int = 0):
-        return training_cost(
-            model, self.inputs, samples=samples, steps=steps, saliency_batches=saliency,
-            backward_factor=self.backward_factor, device=self.device, convention=self.convention,
-        )  # fmt: skip
-
-
-BAYESIAN_TORCH_PRIOR = {
-    "prior_mu": 0.0,
-    "prior_sigma": 1.0,
-    "posterior_mu_init": 0.0,
-    "posterior_rho_init": -3.0,
-    "type": "Reparameterization",
-    "moped_enable": False,
-}
-"""dnn_to_bnn settings of the bayesian-torch row (the cost does not depend on them)."""
-
-
-def _num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ---------------------------------------------------------------------------- CLI helper
-def flops_report_text(
-    model: nn.Module,
-    input_shape: Sequence[int] | str,
-    device: str | torch.device | None = None,
-    compare: bool = False,
-    samples: int = 1,
-    convention: str = "fma",
-) -> str:
-    """The text of ``bnnconvert flops``: the per-module FLOP table of ``model`` on a random
-    input of ``input_shape`` ("1,3,224,224" or a sequence of ints), and with ``compare``
-    the method comparison table (markdown). Raises ValueError for a bad shape or an
-    input the model rejects."""
-    shape = parse_input_shape(input_shape)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    inputs = torch.randn(shape, dtype=dtype)
-    text = str(count_flops(model, inputs, samples=samples, device=device, convention=convention))
-    if compare:
-        table = compare_methods(model, inputs, device=device, convention=convention)
-        text += "\n\nCost of each method, in multiples of the deterministic model:\n\n"
-        text += str(table)
-    return text
-
-
-def parse_input_shape(shape: Sequence[int] | str) -> tuple[int, ...]:
-    """'1,3,224,224' (or 1x3x224x224, or a sequence) -> (1, 3, 224, 224), all >= 1."""
-    parts = shape.replace("x", ",").split(",") if isinstance(shape, str) else list(shape)
-    try:
-        dims = tuple(int(p) for p in parts)
-    except (TypeError, ValueError):
-        dims = ()
-    if not dims or any(d < 1 for d in dims):
-        raise ValueError(f"bad input shape {shape!r}: give positive integers such as 1,3,224,224")
-    return dims

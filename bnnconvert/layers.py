@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,33 @@ _MIN_SIGMA = 1e-6
 
 _Perturbed = tuple[Tensor, Tensor, Tensor]
 """(mu flattened (N,), original values (k,), int64 indices (k,)) of an in-place draw."""
+
+
+class _CachedSigma(NamedTuple):
+    """sigma = softplus(rho) (k,) of one tensor, valid while rho and the stamp match."""
+
+    rho: Tensor
+    stamp: tuple  # (rho's version, grad mode, autocast state)
+    sigma: Tensor
+
+
+class _CachedIndex(NamedTuple):
+    """The int64 copy (k,) of one tensor's index buffer ``idx``."""
+
+    idx: Tensor
+    long: Tensor
+
+
+class _CachedMu(NamedTuple):
+    """The flat view (N,) of mu and its k original values, valid while mu, its version
+    and the index buffer are the same."""
+
+    mu: Tensor
+    idx: Tensor
+    version: int
+    flat: Tensor
+    original: Tensor
+
 
 INPLACE_MAX_FRACTION = 1 / 16
 """Without gradients, a tensor with k <= INPLACE_MAX_FRACTION * numel Bayesian entries is
@@ -183,10 +211,10 @@ class BayesianLayer:
             return F.softplus(rho)
         stamp = (rho._version, torch.is_grad_enabled(), _autocast_state(rho.device.type))
         hit = cache.get(("sigma", name))
-        if hit is not None and hit[0] is rho and hit[1] == stamp:
-            return hit[2]
+        if hit is not None and hit.rho is rho and hit.stamp == stamp:
+            return hit.sigma
         sigma = F.softplus(rho)
-        cache[("sigma", name)] = (rho, stamp, sigma)
+        cache[("sigma", name)] = _CachedSigma(rho, stamp, sigma)
         return sigma
 
     def sample_parameter(self, name: str) -> Tensor:
@@ -209,10 +237,10 @@ class BayesianLayer:
         if cache is None or idx.dtype == torch.int64:
             return idx.long()
         hit = cache.get(("idx", name))
-        if hit is None or hit[0] is not idx:
-            hit = (idx, idx.long())
+        if hit is None or hit.idx is not idx:
+            hit = _CachedIndex(idx, idx.long())
             cache[("idx", name)] = hit
-        return hit[1]
+        return hit.long
 
     def perturbs_in_place(self, name: str) -> bool:
         """True if a forward now would add the noise to mu in place (see the module
@@ -237,12 +265,12 @@ class BayesianLayer:
         idx = self._buffers[f"{name}_idx"]
         cache = self.__dict__.get("_bayes_cache")
         hit = None if cache is None else cache.get(("mu", name))
-        if hit is None or hit[0] is not mu or hit[1] is not idx or hit[2] != mu._version:
+        if hit is None or hit.mu is not mu or hit.idx is not idx or hit.version != mu._version:
             flat = mu.data.view(-1)
-            hit = (mu, idx, mu._version, flat, flat.index_select(0, idx))
+            hit = _CachedMu(mu, idx, mu._version, flat, flat.index_select(0, idx))
             if cache is not None:  # the flat view and the k originals, once per block
                 cache[("mu", name)] = hit
-        flat, original, idx_long = hit[3], hit[4], self._long_index(name)
+        flat, original, idx_long = hit.flat, hit.original, self._long_index(name)
         flat.scatter_(0, idx_long, original + self.sample_noise(name))
         return flat, original, idx_long
 

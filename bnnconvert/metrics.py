@@ -48,6 +48,7 @@ __all__ = [
     "confidence_and_correct",
     "dice",
     "ece_from_bins",
+    "entropy_auroc",
     "entropy_of_expectation",
     "evaluate",
     "expected_calibration_error",
@@ -667,6 +668,25 @@ def aula(
 
 
 # --------------------------------------------------------------------- evaluation
+
+
+def entropy_auroc(in_distribution: Prediction, ood: Prediction) -> float:
+    """AUROC of telling ``ood`` (positives) from ``in_distribution`` (negatives) by the
+    entropy of the expected prediction, per image (the mean over pixels or labels).
+
+    Both predictions need an activation with entropies ("softmax" or "sigmoid"); their
+    ``entropy`` is (N,) or (N, *spatial) / (N, L), reduced to (N,) per image.
+    """
+    scores = torch.cat([_image_entropy(in_distribution), _image_entropy(ood)])
+    labels = torch.cat([torch.zeros(len(in_distribution)), torch.ones(len(ood))]).long()
+    return float(auc(scores[:, None], labels[:, None], task="multilabel"))
+
+
+def _image_entropy(prediction: Prediction) -> Tensor:
+    entropy = prediction.entropy.double().cpu()
+    return entropy.flatten(1).mean(1) if entropy.dim() > 1 else entropy
+
+
 def _two_class(probs: Tensor) -> Tensor:
     """One sigmoid channel (N, 1, ...) as two-class probabilities (N, 2, ...)."""
     return torch.cat([1 - probs, probs], dim=1) if probs.shape[1] == 1 else probs

@@ -1,7 +1,7 @@
 """Monte Carlo prediction with uncertainty, and the deterministic forward at mu.
 
 ``predict`` draws S posterior samples of a model's output (through
-:func:`bnnconvert.hoist.mc_outputs`), turns them into probabilities and summarises them
+:func:`bnnconvert.sampling.mc_outputs`), turns them into probabilities and summarises them
 in a :class:`Prediction`: the mean prediction and its uncertainty decomposition
 
     entropy           H[ E_s p_s ]          total uncertainty (the paper's "entropy", EoE)
@@ -19,8 +19,7 @@ exactly 0 or 1 give 0 * log 0 = 0, never NaN.
 from __future__ import annotations
 
 import math
-import numbers
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -29,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hoist import mc_outputs
+from ._utils import check_positive_int, model_device, split_batch
 from .layers import bayesian_layers
+from .sampling import mc_outputs
 
 __all__ = [
     "AMP_DTYPES",
@@ -41,6 +41,7 @@ __all__ = [
     "predict",
     "predict_batches",
     "split_batch",
+    "stream_predictions",
     "uncertainty_terms",
 ]
 
@@ -301,43 +302,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def split_batch(batch: Any) -> tuple[Tensor, Tensor | None]:
-    """(input, target or None) of a batch: a tensor, or a sequence (input, target, ...)."""
-    if isinstance(batch, Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        target = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-        return batch[0], target
-    raise TypeError(
-        f"cannot read a batch of type {type(batch).__name__}: expected a tensor or an "
-        "(input, target) pair of tensors; wrap other datasets to yield one of these"
-    )
-
-
 def tensor_batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
     """Batches of ``data``: a tensor (N, ...) split into ``batch_size`` rows (one batch if
     None), or an iterable of batches (a DataLoader) as it is (then batch_size must be None)."""
     if isinstance(data, Tensor):
         if batch_size is None:
             return [data]
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        check_positive_int(batch_size=batch_size)
         return data.split(batch_size)
     if batch_size is not None:
         raise ValueError("batch_size applies to tensor input; a DataLoader sets its own")
     return data
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    return None if tensor is None else tensor.device
-
-
-def _check_args(samples: int, activation: str) -> None:
-    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got {samples!r}")
+def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
@@ -362,32 +340,68 @@ def predict_batches(
     holding its probabilities in memory. Eval mode and no_grad apply only while a batch is
     computed; the model's modes are restored before each yield.
     """
-    _check_args(samples, activation)
+    check_positive_int(samples=samples)
     amp_autocast(None, amp)  # checks the name now, not at the first batch
-    device = _model_device(model) if device is None else torch.device(device)
+
+    def forward(x: Tensor) -> Tensor:
+        with eval_mode(model), amp_autocast(x.device, amp):
+            return mc_outputs(model, x, samples)
+
+    return stream_predictions(
+        forward,
+        data,
+        activation=activation,
+        batch_size=batch_size,
+        keep_samples=keep_samples,
+        device=model_device(model) if device is None else torch.device(device),
+        output_device=output_device,
+        progress=progress,
+    )
+
+
+def stream_predictions(
+    forward: Callable[[Tensor], Tensor],
+    data: Tensor | Iterable,
+    *,
+    activation: Activation = "softmax",
+    batch_size: int | None = None,
+    keep_samples: bool = True,
+    device: torch.device | str | None = None,
+    output_device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> Iterator[Prediction]:
+    """The streaming loop behind :func:`predict_batches` and
+    :meth:`bnnconvert.methods.Method.predict`: one :class:`Prediction` per batch.
+
+    Args:
+        forward: input batch x (N, ...) -> raw outputs (S, N, C, ...) of S forwards;
+            called under ``torch.no_grad()``.
+        data, activation, batch_size, keep_samples, output_device, progress: see
+            :func:`predict`.
+        device: where each input batch is sent (None: where it is).
+    """
+    _check_activation(activation)
     batches = tensor_batches(data, batch_size)
     single = isinstance(data, Tensor) and batch_size is None
     disable = (not progress) if progress is not None else (True if single else None)
     batches = tqdm(batches, desc="predict", unit="batch", disable=disable)
-    return _stream(model, batches, samples, activation, keep_samples, device, output_device, amp)
+    return _stream(forward, batches, activation, keep_samples, device, output_device)
 
 
 def _stream(
-    model: nn.Module,
+    forward: Callable[[Tensor], Tensor],
     batches: Iterable,
-    samples: int,
     activation: str,
     keep_samples: bool,
-    device: torch.device | None,
+    device: torch.device | str | None,
     output_device: torch.device | str | None,
-    amp: str | None,
 ) -> Iterator[Prediction]:
     for batch in batches:
         x, target = split_batch(batch)
         if device is not None:
             x = x.to(device, non_blocking=True)
-        with eval_mode(model), torch.no_grad(), amp_autocast(x.device, amp):
-            outputs = mc_outputs(model, x, samples)
+        with torch.no_grad():
+            outputs = forward(x)
         summary = summarise_outputs(outputs, activation)
         if not keep_samples:
             summary["samples"] = None

@@ -18,30 +18,28 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import atomic_torch_save, load_payload, split_batch
 from .layers import convertible_parameters
+from .losses import LossFn, default_loss
 
-__all__ = ["CRITERIA", "Saliency", "compute_saliency", "default_loss"]
+__all__ = ["CRITERIA", "Saliency", "check_r_bayes", "compute_saliency"]
 
 log = logging.getLogger(__name__)
 
 DATA_CRITERIA = ("grad2", "fisher")
 FREE_CRITERIA = ("magnitude", "random")
 CRITERIA = DATA_CRITERIA + FREE_CRITERIA
-_FORMAT = "bnnconvert.saliency"
-_FORMAT_VERSION = 1
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
+FORMAT = "bnnconvert.saliency"
+FORMAT_VERSION = 1
 
 
 # ------------------------------------------------------------------------ Saliency
@@ -101,8 +99,8 @@ class Saliency:
     def save(self, path: str | os.PathLike) -> None:
         """Write the scores atomically; the file loads with torch.load(weights_only=True)."""
         payload = {
-            "format": _FORMAT,
-            "version": _FORMAT_VERSION,
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
             "criterion": self.criterion,
             "meta": dict(self.meta),
             "scores": dict(self.scores),
@@ -115,19 +113,11 @@ class Saliency:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"saliency file not found: {path}")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(
-                f"{path} is not a saliency file written by bnnconvert ({exc.__class__.__name__})"
-                "; create one with bnnconvert.compute_saliency(...).save(path) or "
-                "`bnnconvert saliency`"
-            ) from None
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path} is not a saliency file written by bnnconvert; create one with "
-                "`bnnconvert saliency`"
-            )
+        wrong = (
+            f"{path} is not a saliency file written by bnnconvert; create one with "
+            "bnnconvert.compute_saliency(...).save(path)"
+        )
+        payload = load_payload(path, FORMAT, FORMAT_VERSION, wrong)
         return cls(payload["scores"], payload["criterion"], payload.get("meta", {}))
 
 
@@ -176,52 +166,7 @@ def _split(flat_mask: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def is_main_process() -> bool:
-    """False on every rank but 0 of an initialised torch.distributed process group."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def atomic_torch_save(obj: object, path: str | os.PathLike, *, all_ranks: bool = False) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: never a torn file.
-
-    Under torch.distributed only rank 0 writes, unless ``all_ranks``.
-    """
-    if not (all_ranks or is_main_process()):
-        return
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ------------------------------------------------------------------------ the pass
-def default_loss(output: Tensor, target: Tensor) -> Tensor:
-    """The loss used when none is given, inferred from the target:
-
-    - integer target with one dimension fewer than the output (N,C,... vs N,...):
-      cross-entropy (multi-class classification and segmentation);
-    - target of the output's shape: binary cross-entropy with logits (multi-label).
-    """
-    if not isinstance(output, Tensor):
-        raise TypeError(
-            f"the model returned {type(output).__name__}, not a tensor; pass loss_fn="
-            "a function (output, target) -> scalar loss"
-        )
-    if not target.is_floating_point() and output.dim() == target.dim() + 1:
-        return F.cross_entropy(output, target)
-    if output.shape == target.shape:
-        return F.binary_cross_entropy_with_logits(output, target.to(output.dtype))
-    raise ValueError(
-        f"cannot infer a loss for output {tuple(output.shape)} and target "
-        f"{tuple(target.shape)} ({target.dtype}); pass loss_fn=..."
-    )
-
-
 def compute_saliency(
     model: nn.Module,
     data: Iterable | None,
@@ -301,7 +246,7 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device)
         for batch in data:
             if num_batches is not None and batches >= num_batches:
                 break
-            x, y = unpack_batch(batch, tensors[0].device)
+            x, y = split_batch(batch, tensors[0].device, need_target=True)
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -340,18 +285,6 @@ def _all_reduce(acc: list[Tensor], batches: int, samples: int) -> tuple[int, int
     counts = torch.tensor([batches, samples], dtype=torch.float64, device=acc[0].device)
     dist.all_reduce(counts)
     return int(counts[0]), int(counts[1])
-
-
-def unpack_batch(batch: Any, device: torch.device | str | None) -> tuple[Tensor, Tensor]:
-    """(input, target) of a training batch, moved to ``device``; a clear TypeError for
-    anything that is not an (input, target, ...) sequence."""
-    if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise TypeError(
-            "each batch must be an (input, target) pair, e.g. from a DataLoader over a "
-            f"TensorDataset; got {type(batch).__name__}"
-        )
-    x, y = batch[0], batch[1]
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def _snapshot(model: nn.Module, device: torch.device | None) -> dict:

@@ -13,7 +13,7 @@ from bnnconvert import convert, kl_loss
 from bnnconvert.elbo import elbo_loss
 from bnnconvert.layers import bayesian_layers
 from bnnconvert.predict import amp_autocast, predict
-from bnnconvert.train import train
+from bnnconvert.training import train
 
 cuda = pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs a CUDA GPU")
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import bnnconvert
-from bnnconvert.benchmark import SWEEP_R_BAYES, sweep_method_names
+from bnnconvert.methods.comparison import SWEEP_R_BAYES, sweep_method_names
 from bnnconvert.cli import main
 from bnnconvert.methods.registry import check_method_names
 from bnnconvert.models import resnet18
@@ -182,7 +182,7 @@ def test_without_arch_a_resnet18_is_sized_from_the_bundled_data(tmp_path):
 def test_run_benchmark_is_reproducible_and_renders_without_a_sweep():
     from torch.utils.data import Subset
 
-    from bnnconvert.benchmark import run_benchmark
+    from bnnconvert.methods import run_comparison
     from bnnconvert.data import demo_classification, make_loader
 
     def once():
@@ -190,7 +190,7 @@ def test_run_benchmark_is_reproducible_and_renders_without_a_sweep():
                             seed=0, drop_last=True)  # fmt: skip
         test = make_loader(Subset(demo_classification("test"), range(40)), 20, shuffle=False,
                            seed=0)  # fmt: skip
-        return run_benchmark(tiny_cnn, train, test, task="multiclass",
+        return run_comparison(tiny_cnn, train, test, task="multiclass",
                              methods=["deterministic", "partial5"], sweep=None, epochs=1,
                              samples=2, seed=3)  # fmt: skip
 

@@ -18,12 +18,14 @@ from torch import nn
 
 import bnnconvert
 from bnnconvert import Saliency, compute_saliency, convert
-from bnnconvert.cli import KILL_ENV, PLUGIN_COMMANDS, main
+from bnnconvert.cli import main
 from bnnconvert.convert import num_bayesian
-from bnnconvert.io import load, open_data
+from bnnconvert.data import open_data
 from bnnconvert.layers import bayesian_layers
+from bnnconvert.losses import task_loss
 from bnnconvert.models import UNet, resnet18
-from bnnconvert.train import check_fit, task_loss, train
+from bnnconvert.serialization import load
+from bnnconvert.training import check_fit, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = Path(bnnconvert.__file__).parent / "demo_data" / "digits.npz"
@@ -155,7 +157,7 @@ def test_pipeline_in_process(ws, pipeline):
     assert "111,658 of 11,165,770 entries (1.00 %)" in pipeline["info"]
 
 
-def _start(*args, env=None) -> subprocess.Popen:
+def _start(*args, env=None, module="bnnconvert") -> subprocess.Popen:
     full_env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -164,7 +166,7 @@ def _start(*args, env=None) -> subprocess.Popen:
         **(env or {}),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "bnnconvert", *map(str, args)],
+        [sys.executable, "-m", module, *map(str, args)],
         cwd=ROOT,
         env=full_env,
         stdout=subprocess.PIPE,
@@ -173,8 +175,8 @@ def _start(*args, env=None) -> subprocess.Popen:
     )
 
 
-def _run(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    return _wait(_start(*args, env=env), check)
+def _run(*args, env=None, check=True, module="bnnconvert") -> subprocess.CompletedProcess:
+    return _wait(_start(*args, env=env, module=module), check)
 
 
 def _wait(proc: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
@@ -217,7 +219,7 @@ def test_pipeline_subprocess_with_kill_and_resume(ws, pipeline, tmp_path):
 
     out, ckpt = tmp_path / "trained.pt", tmp_path / "trained.pt.ckpt"
     args = ["train", tmp_path / "bayes.pt", "--data", data, *TRAIN, "-o", out]
-    killed = _run(*args, env={KILL_ENV: "2"}, check=False)
+    killed = _run("2", *args, module="tests.kill_after", check=False)
     assert killed.returncode == -9, killed.stderr  # SIGKILL in step 2 of 2
     assert ckpt.exists() and not out.exists()
     assert torch.load(ckpt, weights_only=True)["step"] == 1  # written after step 1
@@ -413,12 +415,34 @@ hello = click.Command(
 )
 
 
-def test_plugin_commands_are_listed_and_run(monkeypatch):
-    monkeypatch.setitem(PLUGIN_COMMANDS, "hello", "tests.test_cli:hello")
-    monkeypatch.setitem(PLUGIN_COMMANDS, "later", "bnnconvert.not_written_yet:command")
+def test_every_command_is_registered_in_order():
+    """The commands are registered explicitly (no name table that could skip one)."""
+    expected = ["saliency", "convert", "train", "evaluate", "info", "flops", "benchmark", "demo"]
+    assert main.list_commands(click.Context(main)) == expected
+    assert main.more == ["flops", "benchmark", "demo"]
+
+
+def test_an_added_command_is_listed_with_its_example_and_runs(monkeypatch):
+    monkeypatch.setattr(main, "commands", dict(main.commands))
+    monkeypatch.setattr(main, "more", list(main.more))
+    main.add_more_command(hello)
     top = _ok(["--help"])
-    assert "hello" in top and "bnnconvert hello" in top and "later" not in top
+    more = top.split("More commands:")[1]
+    assert "hello" in top.split("Commands:")[1] and "bnnconvert hello" in more
     assert _ok(["hello"]).strip() == "hello from a plugin"
+
+
+def test_library_arguments_are_named_as_flags():
+    from bnnconvert.cli.group import ARGUMENT_FLAGS, to_flags
+
+    assert to_flags("pass arch=... and arch_kwargs=..., or trust_pickle=True") == (
+        "pass --arch and --arch-kwargs, or --trust-pickle"
+    )
+    assert to_flags("delete it or pass resume=False") == "delete it or pass --restart"
+    for flag in ARGUMENT_FLAGS.values():  # every flag named exists on some command
+        assert any(
+            flag in (*p.opts, *p.secondary_opts) for c in main.commands.values() for p in c.params
+        ), flag
 
 
 # ----------------------------------------------------------------------- train library

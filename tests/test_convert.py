@@ -382,7 +382,7 @@ def test_prediction_perturbs_in_place_with_the_same_samples(resnet):
 
 def test_posterior_cache_gives_the_same_draws_with_one_softplus(resnet, monkeypatch):
     from bnnconvert import layers as layers_mod
-    from bnnconvert.hoist import mc_outputs
+    from bnnconvert.sampling import mc_outputs
 
     pbnn = convert(resnet, _mixed_masks(resnet), None)
     x = torch.randn(2, 1, 32, 32)

@@ -73,7 +73,7 @@ def test_parameters_and_flops_follow_the_recipe(cli_run):
     pipeline's training FLOPs (P deterministic epochs + one saliency epoch + E ELBO epochs
     of S forwards) over P + E deterministic epochs; S forwards per prediction."""
     _, _, res = cli_run
-    budget, samples = BUDGETS["quick"], Recipe().samples
+    budget, samples = BUDGETS["quick"], Recipe().training.samples
     eval_samples = Recipe().eval_samples
     p, e = budget.pretrain_epochs, budget.epochs
     for kind, model in (

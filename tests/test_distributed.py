@@ -18,18 +18,17 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import DistributedSampler, Subset
 
-from bnnconvert import distributed
 from bnnconvert.cli import main
 from bnnconvert.convert import convert
 from bnnconvert.data import demo_classification, make_loader
-from bnnconvert.distributed import rank_seed
 from bnnconvert.elbo import elbo_loss
-from bnnconvert.io import build_model, load, parse_arch_kwargs, save
 from bnnconvert.layers import bayesian_layers
 from bnnconvert.models import resnet18
 from bnnconvert.predict import eval_mode, mean_weights
 from bnnconvert.saliency import Saliency, compute_saliency
-from bnnconvert.train import seed_everything, train
+from bnnconvert.serialization import build_model, load, parse_arch_kwargs, save
+from bnnconvert.training import distributed, seed_everything, train
+from bnnconvert.training.distributed import rank_seed
 
 from .conftest import classification_batches
 
@@ -299,7 +298,7 @@ def test_launch_env_and_rank_device(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="MASTER_ADDR"):
         distributed.init_from_env()
-    with pytest.raises(ValueError, match="drop --nproc"):
+    with pytest.raises(ValueError, match="drop nproc"):
         distributed.launch(2, ["train"])
     assert distributed.rank_seed(7, 0) == 7 and distributed.rank_seed(7, 1) != 7
 

@@ -12,14 +12,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bnnconvert import convert
-from bnnconvert.flops import (
-    MAC_OPS,
-    compare_methods,
-    count_flops,
-    flops_report_text,
-    parse_input_shape,
-    training_cost,
-)
+from bnnconvert.costs import compare_method_costs, flops_report_text, parse_input_shape
+from bnnconvert.flops import MAC_OPS, count_flops, training_cost
 from bnnconvert.layers import convertible_parameters
 from bnnconvert.models import UNet, resnet18
 
@@ -130,7 +124,7 @@ def test_overhead_is_attributed_to_the_owning_layer(small):
 def test_bayesian_torch_overhead_is_counted(small):
     from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
 
-    from bnnconvert.flops import BAYESIAN_TORCH_PRIOR
+    from bnnconvert.costs import BAYESIAN_TORCH_PRIOR
 
     bnn = copy.deepcopy(small)
     dnn_to_bnn(bnn, BAYESIAN_TORCH_PRIOR)
@@ -188,8 +182,8 @@ def test_training_cost_formula(small):
 
 
 # ------------------------------------------------------------------ comparison
-def test_compare_methods(small):
-    table = compare_methods(small, torch.randn(2, 3, 8, 8), epochs=2, steps_per_epoch=3)
+def test_compare_method_costs(small):
+    table = compare_method_costs(small, torch.randn(2, 3, 8, 8), epochs=2, steps_per_epoch=3)
     rows = {r.method: r for r in table.rows}
     mult = table.multiples()
     det = table.rows[0]
@@ -237,7 +231,7 @@ def test_bad_arguments(small):
     with pytest.raises(ValueError, match="samples"):
         count_flops(small, x, samples=0)
     with pytest.raises(ValueError, match="r_values"):
-        compare_methods(small, x, r_values=(0.0,))
+        compare_method_costs(small, x, r_values=(0.0,))
 
 
 # ------------------------------------------------------------------ CUDA
@@ -259,5 +253,5 @@ def test_cuda_model_is_counted_where_it_is():
     cost = training_cost(pbnn, torch.randn(2, 3, 32, 32), samples=2)  # inputs moved
     assert cost.unsupported_ops == {} and cost.forward.device.startswith("cuda")
     assert next(pbnn.parameters()).device.type == "cuda"
-    table = compare_methods(pbnn, torch.randn(2, 3, 32, 32, device="cuda"), r_values=(0.01,))
+    table = compare_method_costs(pbnn, torch.randn(2, 3, 32, 32, device="cuda"), r_values=(0.01,))
     assert table.device.startswith("cuda") and len(table.rows) == 5

@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from bnnconvert.cli import main
-from bnnconvert.flops import compare_methods, count_flops
+from bnnconvert.costs import compare_method_costs
+from bnnconvert.flops import count_flops
 
 TINY = ["--arch", "torch.nn:Conv2d", "--arch-kwargs", "in_channels=3,out_channels=8,kernel_size=3"]
 
@@ -41,7 +42,7 @@ def test_table_and_compare_match_the_library(tmp_path):
     facts = json.loads(
         _run(["flops", str(path), *TINY, "--input-shape", "1,3,8,8", "--compare", "--json"]).output
     )
-    expected = compare_methods(model, torch.randn(1, 3, 8, 8)).multiples()
+    expected = compare_method_costs(model, torch.randn(1, 3, 8, 8)).multiples()
     assert facts["multiples_of_deterministic"] == expected
     assert facts["total"] == count_flops(model, torch.randn(1, 3, 8, 8)).total
 

@@ -1,4 +1,4 @@
-"""Hoisting the deterministic prefix out of the Monte Carlo loop (bnnconvert.hoist).
+"""Hoisting the deterministic prefix out of the Monte Carlo loop (bnnconvert.sampling).
 
 Every test compares ``mc_outputs(..., hoist=None)`` (hoisted where possible) with the plain
 loop ``hoist=False`` under the same seed: the samples must be identical, in order.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnnconvert
-from bnnconvert.hoist import hoist_plan, mc_outputs, mc_samples
+from bnnconvert.sampling import hoist_plan, mc_outputs, mc_samples
 from bnnconvert.layers import bayesian_layers, convertible_parameters
 
 
@@ -198,7 +198,7 @@ class MutatesInput(nn.Module):
 def test_untraceable_models_fall_back_with_same_results(cls, reason, caplog):
     model = bnnconvert.convert(cls(), {"fc.weight": torch.ones_like(cls().fc.weight) > 0}, None)
     x = torch.randn(2, 1, 8, 8) if cls is not MutatesInput else torch.randn(2, 4)
-    with caplog.at_level(logging.DEBUG, logger="bnnconvert.hoist"), torch.no_grad():
+    with caplog.at_level(logging.DEBUG, logger="bnnconvert.sampling"), torch.no_grad():
         if cls is MutatesInput:
             torch.manual_seed(7)
             plain = mc_outputs(model, x.clone(), 3, hoist=False)
@@ -218,7 +218,7 @@ def test_wrappers_run_the_plain_loop(resnet, caplog):
     the wrapped model would skip: never hoisted through."""
     model = bnnconvert.convert(resnet, _masks(resnet, ("fc.",), 0.5), None)
     x = torch.randn(2, 1, 32, 32)
-    with caplog.at_level(logging.DEBUG, logger="bnnconvert.hoist"):
+    with caplog.at_level(logging.DEBUG, logger="bnnconvert.sampling"):
         assert hoist_plan(nn.DataParallel(model)) is None
         assert hoist_plan(torch.compile(model)) is None  # compiles lazily: nothing runs
     assert sum("wraps the model" in r.getMessage() for r in caplog.records) == 2

@@ -26,7 +26,7 @@ from bnnconvert.methods import (
     MonteCarloDropout,
     SparseBayes,
     checkpoint_epochs,
-    compare_methods_on_data,
+    evaluate_methods,
     get_method,
     lr_at,
     results_markdown,
@@ -357,14 +357,14 @@ def test_temperature_scaling_lowers_validation_nll(cls_data, cls_model):
 
 
 # ------------------------------------------------------------------------ comparison
-def test_compare_methods_on_data_renders_the_table(seg_data):
+def test_evaluate_methods_renders_the_table(seg_data):
     test = make_loader(Subset(demo_segmentation("test"), range(4)), 4, shuffle=False, seed=0)
     ood = torch.stack([demo_classification("val", size=64)[i][0] for i in range(4)])
 
     def factory():
         return UNet(1, 2, base=4, depth=2)
 
-    results = compare_methods_on_data(
+    results = evaluate_methods(
         factory, seg_data, test, task="segmentation",
         methods="deterministic,ensemble2,partial1", epochs=1, pretrain_epochs=1,
         samples=2, seed=0, ood_data=ood,

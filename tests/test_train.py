@@ -8,7 +8,7 @@ from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
 from torch import nn
 
 from bnnconvert import convert
-from bnnconvert.train import _optimizer
+from bnnconvert.training.loop import _optimizer
 
 
 def _groups(model: nn.Module) -> tuple[set[int], set[int]]:

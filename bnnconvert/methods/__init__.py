@@ -10,13 +10,22 @@ same :class:`~bnnconvert.Prediction` as :func:`bnnconvert.predict`, so one evalu
     prediction = method.predict(test_loader)
     method.num_parameters(), method.flops(batch)
 
-See :class:`Method` for the protocol, :func:`get_method` for the names and
-:func:`compare_methods_on_data` for the paper's comparison protocol.
+See :class:`Method` for the protocol, :func:`get_method` for the names,
+:func:`evaluate_methods` for the paper's comparison protocol and :func:`run_comparison`
+for its report (what ``bnnconvert benchmark`` writes).
 """
 
-from .base import Method, last_convertible_layers, reseed_data
+from ..metrics import entropy_auroc
+from .base import FitRun, Method, last_convertible_layers, reseed_data
 from .checkpoint_ensemble import SWA, CheckpointEnsemble, checkpoint_epochs, lr_at
-from .compare import compare_methods_on_data, entropy_auroc, ood_auroc, results_markdown
+from .comparison import (
+    ComparisonReport,
+    compare_methods_on_data,
+    evaluate_methods,
+    ood_auroc,
+    results_markdown,
+    run_comparison,
+)
 from .deterministic import Deterministic, fit_temperature
 from .ensemble import Ensemble, reset_parameters
 from .full_bayes import FullBayes, bayesian_torch_convert
@@ -31,8 +40,10 @@ __all__ = [
     "METHOD_NAMES",
     "SWA",
     "CheckpointEnsemble",
+    "ComparisonReport",
     "Deterministic",
     "Ensemble",
+    "FitRun",
     "FullBayes",
     "LastLayers",
     "LayerEnsemble",
@@ -47,6 +58,7 @@ __all__ = [
     "compare_methods_on_data",
     "default_stages",
     "entropy_auroc",
+    "evaluate_methods",
     "fit_temperature",
     "get_method",
     "insert_dropout",
@@ -56,4 +68,5 @@ __all__ = [
     "reseed_data",
     "reset_parameters",
     "results_markdown",
+    "run_comparison",
 ]

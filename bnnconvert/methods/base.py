@@ -9,30 +9,37 @@ modified) and follows one protocol:
     method.num_parameters(); method.flops(batch)     # {"train_step", "inference", ...}
 
 ``fit`` always starts again from the model given at construction, so calling it twice
-does not train twice as long. The training itself is :func:`bnnconvert.train.train`
-(plain NLL for deterministic models, the ELBO for converted ones) and the Monte Carlo
-forward passes are :func:`bnnconvert.hoist.mc_outputs`, so every method shares one
-training loop and one prediction path.
+does not train twice as long. ``fit`` is one template (:meth:`Method.fit`): a method
+implements the hook :meth:`Method.train_model` (and, if it must refuse a fit before
+anything trains, :meth:`Method.validate_fit`), never the signature. The training itself
+is :func:`bnnconvert.training.train` (plain NLL for deterministic models, the ELBO for
+converted ones) with one :class:`~bnnconvert.training.TrainSettings`, and prediction is
+:func:`bnnconvert.predict.stream_predictions` over the Monte Carlo forwards of
+:func:`bnnconvert.sampling.mc_outputs`, so every method shares one training loop and one
+prediction path.
 """
 
 from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .._utils import check_positive_int, model_device
 from ..flops import count_flops, training_cost
-from ..hoist import mc_outputs
 from ..layers import is_convertible
-from ..predict import Prediction, eval_mode, split_batch, summarise_outputs, tensor_batches
-from ..saliency import LossFn
-from ..train import TASKS, TrainResult, data_task, loader_generators, task_loss, train
+from ..losses import LossFn, check_task, data_task, task_loss
+from ..predict import Prediction, eval_mode, stream_predictions
+from ..sampling import mc_outputs
+from ..training import TrainResult, TrainSettings, loader_generators, train
 
 __all__ = [
+    "FitRun",
     "Method",
     "StackedBatch",
     "last_convertible_layers",
@@ -40,6 +47,36 @@ __all__ = [
     "reseed_data",
     "stacked_loss",
 ]
+
+RUN_OPTIONS = frozenset(
+    {"loss_fn", "class_weights", "validate", "device", "checkpoint", "checkpoint_every",
+     "resume", "output", "progress", "on_step"}
+)  # fmt: skip
+"""The keyword arguments of :func:`bnnconvert.training.train` that a fit passes through
+(``task`` and ``seed`` are the method's own)."""
+
+RUN_SEED = object()
+"""``Method._train``'s default seed: the seed of the fit."""
+
+
+@dataclass
+class FitRun:
+    """One call of :meth:`Method.fit`: the data, the budget and how to train.
+
+    Attributes:
+        train_data, epochs, seed, val_data: as given to :meth:`Method.fit`.
+        settings: the :class:`~bnnconvert.training.TrainSettings` of every
+            :func:`~bnnconvert.training.train` call of the fit.
+        options: the other keyword arguments of those calls (``class_weights``,
+            ``device``, ``progress`` (False unless given), ...).
+    """
+
+    train_data: Iterable
+    epochs: int
+    seed: int | None
+    val_data: Iterable | None
+    settings: TrainSettings
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -49,7 +86,7 @@ class Method(ABC):
         model: the user's model (trained or untrained); deep-copied.
         task: "multiclass", "multilabel" or "segmentation"; None: ``data.dataset.task`` of
             the training data at :meth:`fit`, else "multiclass". It picks the loss
-            (:func:`bnnconvert.train.task_loss`) and the activation of :meth:`predict`
+            (:func:`bnnconvert.losses.task_loss`) and the activation of :meth:`predict`
             (sigmoid for "multilabel", softmax otherwise).
         samples: S, the default number of posterior samples of :meth:`predict` (and of
             each training step of the variational methods). Deterministic methods and
@@ -77,9 +114,8 @@ class Method(ABC):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if task is not None and task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
-        _check_samples(samples)
+        check_task(task)
+        check_positive_int(samples=samples)
         self.initial = copy.deepcopy(model)
         self.model = copy.deepcopy(model)
         self.task = task
@@ -94,7 +130,6 @@ class Method(ABC):
         return f"{type(self).__name__}(name={self.name!r}, task={self.task!r})"
 
     # ------------------------------------------------------------------ protocol
-    @abstractmethod
     def fit(
         self,
         train_data: Iterable,
@@ -102,23 +137,59 @@ class Method(ABC):
         epochs: int,
         seed: int | None = None,
         val_data: Iterable | None = None,
+        settings: TrainSettings | None = None,
         **train_kwargs: Any,
     ) -> Method:
         """Train for ``epochs`` epochs of ``train_data`` (per member for ensembles).
 
-        ``seed`` seeds torch's, numpy's and Python's RNGs and the order of a DataLoader
-        with its own generator (:func:`reseed_data`): a fit is reproducible on its own.
+        Args:
+            train_data: (input, target) batches, e.g. :func:`bnnconvert.data.make_loader`.
+            epochs: the budget, >= 0 (0: no training).
+            seed: seeds torch's, numpy's and Python's RNGs and the order of a DataLoader
+                with its own generator (:func:`reseed_data`): a fit is reproducible on
+                its own.
+            val_data: validation batches, for the methods that use them (temperature
+                scaling).
+            settings: how to train (:class:`~bnnconvert.training.TrainSettings`);
+                variational methods train with their own ``beta`` and ``samples``.
+            **train_kwargs: fields of ``settings`` to change (``lr=``, ``beta=``, ...) and
+                the other keyword arguments of :func:`bnnconvert.training.train`
+                (``class_weights``, ``device``, ``progress`` (default False), ...).
 
-        ``train_kwargs`` go to :func:`bnnconvert.train.train` (lr, momentum,
-        weight_decay, class_weights, device, progress, ...). Returns ``self``.
+        Returns ``self``. The template every method shares: it checks the arguments, asks
+        :meth:`validate_fit` whether the method can fit, resets the step counts and
+        calls :meth:`train_model`.
         """
+        run = self._fit_run(train_data, epochs, seed, val_data, settings, train_kwargs)
+        self.validate_fit(run)
+        if seed is not None:
+            reseed_data(train_data, seed)
+        self.task = self.task or data_task(train_data) or "multiclass"
+        self.train_steps = 0
+        self.saliency_batches = 0
+        self.train_model(run)
+        return self
+
+    def validate_fit(self, run: FitRun) -> None:  # noqa: B027 (a hook, empty by default)
+        """Hook: raise (ValueError) before anything trains if the method cannot fit ``run``
+        (e.g. temperature scaling without validation data). Default: nothing."""
+
+    @abstractmethod
+    def train_model(self, run: FitRun) -> None:
+        """Hook: build ``self.model`` from the model given at construction
+        (:meth:`_fresh`) and train it for ``run.epochs`` epochs with :meth:`_train`."""
+
+    def train_settings(self, settings: TrainSettings) -> TrainSettings:
+        """Hook: the settings of this method's fits, from the caller's ``settings``
+        (before the keyword overrides of :meth:`fit` apply). Default: unchanged."""
+        return settings
 
     def outputs(self, x: Tensor, samples: int) -> Tensor:
         """Raw outputs (S', N, C, *spatial) on one input batch x (N, ...), in eval mode.
 
         S' is ``samples`` for stochastic models, 1 for a deterministic one, the number
         of members or heads for ensembles. Called under ``torch.no_grad()`` by
-        :meth:`predict`. Default: :func:`bnnconvert.hoist.mc_outputs` of ``self.model``.
+        :meth:`predict`. Default: :func:`bnnconvert.sampling.mc_outputs` of ``self.model``.
         """
         return model_outputs(self.model, x, samples if self.stochastic else 1)
 
@@ -143,18 +214,16 @@ class Method(ABC):
         entropy, mutual information over the S' outputs), so one evaluation compares them.
         """
         samples = self.samples if samples is None else samples
-        _check_samples(samples)
-        device = self.device
-        parts = []
-        for batch in tensor_batches(data, batch_size):
-            x, target = split_batch(batch)
-            with torch.no_grad():
-                summary = summarise_outputs(self.outputs(x.to(device), samples), self.activation)
-            if not keep_samples:
-                summary["samples"] = None
-            if target is not None:
-                target = target.to(summary["probs"].device)
-            parts.append(Prediction(activation=self.activation, targets=target, **summary))
+        check_positive_int(samples=samples)
+        parts = stream_predictions(
+            lambda x: self.outputs(x, samples),
+            data,
+            activation=self.activation,
+            batch_size=batch_size,
+            keep_samples=keep_samples,
+            device=self.device,
+            progress=False,
+        )
         return Prediction.cat(parts)
 
     def num_parameters(self) -> int:
@@ -186,19 +255,30 @@ class Method(ABC):
 
     @property
     def device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
-        return torch.device("cpu") if p is None else p.device
+        return model_device(self.model) or torch.device("cpu")
 
-    def _begin(self, train_data: Iterable, epochs: int, seed: int | None) -> None:
-        """At the start of :meth:`fit`: check the budget, resolve the task, reset the step
-        count and, with a seed, reseed the data order (:func:`reseed_data`)."""
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+    def _fit_run(
+        self,
+        train_data: Iterable,
+        epochs: int,
+        seed: int | None,
+        val_data: Iterable | None,
+        settings: TrainSettings | None,
+        train_kwargs: Mapping[str, Any],
+    ) -> FitRun:
+        if isinstance(epochs, bool) or not isinstance(epochs, int):
+            raise TypeError(f"epochs must be an integer >= 0, got {epochs!r}")
+        if epochs < 0:
             raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-        if seed is not None:
-            reseed_data(train_data, seed)
-        self.task = self.task or data_task(train_data) or "multiclass"
-        self.train_steps = 0
-        self.saliency_batches = 0
+        base = self.train_settings(settings if settings is not None else TrainSettings())
+        settings, options = TrainSettings.combine(base, train_kwargs)
+        unknown = sorted(set(options) - RUN_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"fit() got an unexpected keyword argument {unknown[0]!r}; it takes the "
+                f"fields of TrainSettings and {', '.join(sorted(RUN_OPTIONS))}"
+            )
+        return FitRun(train_data, epochs, seed, val_data, settings, {"progress": False, **options})
 
     def _fresh(self) -> nn.Module:
         """A copy of the model given at construction: every fit starts from it."""
@@ -207,16 +287,28 @@ class Method(ABC):
     def _train(
         self,
         model: nn.Module,
-        data: Iterable,
-        epochs: int,
-        seed: int | None,
-        **train_kwargs: Any,
+        run: FitRun,
+        *,
+        epochs: int | None = None,
+        seed: int | object | None = RUN_SEED,
+        settings: TrainSettings | None = None,
+        **options: Any,
     ) -> TrainResult | None:
-        """:func:`bnnconvert.train.train` (no progress bars by default); counts the steps."""
+        """:func:`bnnconvert.training.train` of ``model`` with the run's epochs, seed,
+        settings and options (the arguments given here override them); counts the
+        steps."""
+        epochs = run.epochs if epochs is None else epochs
         if epochs == 0:
             return None
-        train_kwargs.setdefault("progress", False)
-        result = train(model, data, epochs, task=self.task, seed=seed, **train_kwargs)
+        result = train(
+            model,
+            run.train_data,
+            epochs,
+            settings or run.settings,
+            task=self.task,
+            seed=run.seed if seed is RUN_SEED else seed,
+            **{**run.options, **options},
+        )
         self.train_steps += sum(int(h["steps"]) for h in result.history)
         return result
 
@@ -225,14 +317,9 @@ class Method(ABC):
 
 
 # ---------------------------------------------------------------------- shared functions
-def _check_samples(samples: int) -> None:
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
-
-
 def model_outputs(model: nn.Module, x: Tensor, samples: int) -> Tensor:
     """``samples`` forward passes of ``model`` in eval mode: (S, N, C, ...), through
-    :func:`bnnconvert.hoist.mc_outputs` (modes restored afterwards)."""
+    :func:`bnnconvert.sampling.mc_outputs` (modes restored afterwards)."""
     with eval_mode(model):
         return mc_outputs(model, x, samples)
 
@@ -280,7 +367,7 @@ def last_convertible_layers(model: nn.Module, n: int) -> list[str]:
 
 class StackedBatch(nn.Module):
     """Runs ``fn(x)`` -> K outputs (K, N, C, ...) and returns them folded into the batch
-    dimension, (K * N, C, ...), so that :func:`bnnconvert.train.train` and its checks see
+    dimension, (K * N, C, ...), so that :func:`bnnconvert.training.train` and its checks see
     an ordinary model output; pair it with :func:`stacked_loss`.
 
     Used for several posterior samples per step (bayesian-torch) and several heads

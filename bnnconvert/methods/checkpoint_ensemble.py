@@ -21,10 +21,11 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, update_bn
 
+from .._utils import check_positive_int
 from ..flops import count_flops
 from ..predict import eval_mode
-from ..train import seed_everything
-from .base import Method, model_outputs
+from ..training import seed_everything
+from .base import FitRun, Method, model_outputs
 
 __all__ = ["SWA", "CheckpointEnsemble", "checkpoint_epochs", "lr_at"]
 
@@ -89,8 +90,7 @@ def checkpoint_epochs(
 
 
 def _period(epochs: int, cycles: int, gamma: float) -> int:
-    if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
-        raise ValueError(f"cycles must be an integer >= 1, got {cycles!r}")
+    check_positive_int(cycles=cycles)
     if not isinstance(epochs, int) or epochs < cycles or epochs % cycles:
         raise ValueError(
             f"epochs ({epochs}) must be a positive multiple of cycles ({cycles}): each cycle "
@@ -113,7 +113,8 @@ class CheckpointEnsemble(Method):
             constant phase (:func:`checkpoint_epochs`).
 
     ``fit(epochs=T)`` trains T epochs in all (M cycles of T / M), one
-    :func:`bnnconvert.train.train` call per epoch at that epoch's rate. SGD momentum, if
+    :func:`bnnconvert.training.train` call per epoch at that epoch's rate (alpha_0 is the
+    settings' ``lr``). SGD momentum, if
     given, restarts every epoch (the default momentum is 0, the paper's nnU-Net uses 0.99).
     ``Prediction.samples`` holds one output per checkpoint.
 
@@ -145,34 +146,36 @@ class CheckpointEnsemble(Method):
         self.kept_epochs: list[int] = []
         self.lrs: list[float] = []
 
-    def fit(
-        self,
-        train_data: Iterable,
-        *,
-        epochs: int,
-        seed: int | None = None,
-        val_data: Iterable | None = None,
-        lr: float = 0.01,
-        **train_kwargs: Any,
-    ) -> CheckpointEnsemble:
-        """Train ``epochs`` epochs on the schedule, keeping the constant-phase checkpoints."""
-        if "lr_schedule" in train_kwargs:
-            raise ValueError("the checkpoint ensemble sets its own learning-rate schedule")
-        self._begin(train_data, epochs, seed)
-        cycles, gamma = self.schedule["cycles"], self.schedule["gamma"]
+    def validate_fit(self, run: FitRun) -> None:
+        if run.settings.lr_schedule != "constant":
+            raise ValueError(
+                "the checkpoint ensemble sets its own learning-rate schedule; leave "
+                "lr_schedule='constant'"
+            )
+
+    def train_model(self, run: FitRun) -> None:
+        """Train ``run.epochs`` epochs on the schedule, keeping the constant-phase
+        checkpoints."""
+        epochs, cycles, gamma = run.epochs, self.schedule["cycles"], self.schedule["gamma"]
         kept = set(checkpoint_epochs(epochs, cycles, gamma, self.keep))
         self.model = self._fresh()
         self.checkpoints, self.kept_epochs, self.lrs = [], [], []
-        if seed is not None:
-            seed_everything(seed)
+        if run.seed is not None:
+            seed_everything(run.seed)
         for epoch in range(epochs):
-            rate = lr_at(epoch, epochs=epochs, lr=lr, restart_lr=self.restart_lr, **self.schedule)
-            result = self._train(self.model, train_data, 1, None, lr=rate, **train_kwargs)
+            rate = lr_at(
+                epoch,
+                epochs=epochs,
+                lr=run.settings.lr,
+                restart_lr=self.restart_lr,
+                **self.schedule,
+            )
+            settings = run.settings.replace(lr=rate)
+            result = self._train(self.model, run, epochs=1, seed=None, settings=settings)
             self.lrs.append(result.history[0]["lr"])
             if epoch in kept:
                 self._keep(epoch)
-        self._finish(train_data)
-        return self
+        self._finish(run.train_data)
 
     def _keep(self, epoch: int) -> None:
         state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..predict import split_batch
-from ..saliency import LossFn
-from .base import Method, model_outputs
+from .._utils import split_batch
+from ..losses import LossFn
+from .base import FitRun, Method, model_outputs
 
 __all__ = ["Deterministic", "fit_temperature"]
 
@@ -47,25 +46,17 @@ class Deterministic(Method):
         self.temperature_scaling = temperature_scaling
         self.temperature = 1.0
 
-    def fit(
-        self,
-        train_data: Iterable,
-        *,
-        epochs: int,
-        seed: int | None = None,
-        val_data: Iterable | None = None,
-        **train_kwargs: Any,
-    ) -> Deterministic:
-        """NLL training for ``epochs`` epochs, then temperature scaling if enabled."""
-        if self.temperature_scaling and val_data is None:
+    def validate_fit(self, run: FitRun) -> None:
+        if self.temperature_scaling and run.val_data is None:
             raise ValueError("temperature scaling needs val_data: pass fit(..., val_data=...)")
-        self._begin(train_data, epochs, seed)
+
+    def train_model(self, run: FitRun) -> None:
+        """NLL training for ``run.epochs`` epochs, then temperature scaling if enabled."""
         self.model = self._fresh()
         self.temperature = 1.0
-        self._train(self.model, train_data, epochs, seed, **train_kwargs)
+        self._train(self.model, run)
         if self.temperature_scaling:
-            self.calibrate(val_data)
-        return self
+            self.calibrate(run.val_data)
 
     def calibrate(self, val_data: Iterable) -> float:
         """Fit the temperature on (input, target) batches; returns T."""
@@ -81,9 +72,7 @@ class Deterministic(Method):
         """Logits (N, C, ...) at T = 1 and targets of every batch, on the CPU."""
         outs, targets = [], []
         for batch in data:
-            x, y = split_batch(batch)
-            if y is None:
-                raise ValueError("val_data must yield (input, target) batches")
+            x, y = split_batch(batch, need_target=True)
             with torch.no_grad():
                 outs.append(model_outputs(self.model, x.to(self.device), 1)[0].cpu())
             targets.append(y.cpu())
@@ -101,7 +90,7 @@ def fit_temperature(
     Args:
         logits: (N, C, *spatial) or (N, L) raw outputs.
         targets: what ``loss_fn`` expects, e.g. (N, *spatial) class indices.
-        loss_fn: the NLL, e.g. :func:`bnnconvert.train.task_loss` of the task.
+        loss_fn: the NLL, e.g. :func:`bnnconvert.losses.task_loss` of the task.
     """
     logits = logits.detach().float()
     log_t = torch.zeros((), requires_grad=True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .base import Method, model_flops, model_outputs, reseed_data
+from .._utils import check_positive_int
+from .base import FitRun, Method, model_flops, model_outputs, reseed_data
 
 __all__ = ["Ensemble", "reset_parameters"]
 
@@ -48,38 +48,27 @@ class Ensemble(Method):
         name: str | None = None,
     ) -> None:
         super().__init__(model, task=task, samples=samples, name=name)
-        if isinstance(members, bool) or not isinstance(members, int) or members < 1:
-            raise ValueError(f"members must be an integer >= 1, got {members!r}")
+        check_positive_int(members=members)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.members = members
         self.init = init
         self.member_models = nn.ModuleList()
 
-    def fit(
-        self,
-        train_data: Iterable,
-        *,
-        epochs: int,
-        seed: int | None = None,
-        val_data: Iterable | None = None,
-        **train_kwargs: Any,
-    ) -> Ensemble:
+    def train_model(self, run: FitRun) -> None:
         """Train the M members one after the other (``val_data`` is not used)."""
-        self._begin(train_data, epochs, seed)
-        base = 0 if seed is None else seed
+        base = 0 if run.seed is None else run.seed
         trained = []
         for i in range(self.members):
             member = self._fresh()
             if self.init == "reset":
                 torch.manual_seed(base + i)
                 reset_parameters(member)
-            reseed_data(train_data, base + i)
-            self._train(member, train_data, epochs, base + i, **train_kwargs)
+            reseed_data(run.train_data, base + i)
+            self._train(member, run, seed=base + i)
             trained.append(member)
         self.member_models = nn.ModuleList(trained)
         self.model = trained[0]
-        return self
 
     def outputs(self, x: Tensor, samples: int) -> Tensor:
         if not len(self.member_models):

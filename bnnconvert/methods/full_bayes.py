@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
+from .._utils import split_batch
 from ..convert import convert
 from ..elbo import BetaSchedule
 from ..layers import is_convertible
 from ..predict import eval_mode
-from ..saliency import unpack_batch
-from ..train import first_batch
-from .base import StackedBatch, stacked_loss
+from ..training import first_batch
+from .base import FitRun, StackedBatch, stacked_loss
 from .variational import VariationalMethod
 
 __all__ = ["BACKENDS", "FullBayes", "bayesian_torch_convert"]
@@ -60,7 +60,7 @@ class FullBayes(VariationalMethod):
         moped_delta: MOPED sigma = moped_delta x |w| (default 0.1; None: bayesian-torch
             initialises mu randomly and rho at ``rho_init``, i.e. trains from scratch).
 
-    With the bayesian-torch backend, training uses :func:`bnnconvert.train.train` on a
+    With the bayesian-torch backend, training uses :func:`bnnconvert.training.train` on a
     wrapper that draws the S samples of a step and adds beta x bayesian-torch's
     ``get_kl_loss``; beta must then be a constant number.
     """
@@ -85,7 +85,7 @@ class FullBayes(VariationalMethod):
 
     def convert(self, model: nn.Module, train_data: Iterable, seed: int | None) -> nn.Module:
         if self.backend == "bayesian-torch":
-            x, _ = unpack_batch(first_batch(train_data), self.device)
+            x, _ = split_batch(first_batch(train_data), self.device)
             converted = bayesian_torch_convert(model, x, **self.prior)
             if converted is not None:
                 self.backend_used = "bayesian-torch"
@@ -93,20 +93,22 @@ class FullBayes(VariationalMethod):
         self.backend_used = "bnnconvert"
         return convert(model, "magnitude", 1.0, inplace=True, **self.prior)
 
-    def fine_tune(
-        self, train_data: Iterable, epochs: int, seed: int | None, **train_kwargs: Any
-    ) -> None:
+    def validate_fit(self, run: FitRun) -> None:
+        if self.backend == "bayesian-torch":
+            _constant_beta(run.settings.beta)
+
+    def fine_tune(self, run: FitRun) -> None:
         """ELBO training; for a bayesian-torch model through a wrapper drawing S samples."""
         if self.backend_used == "bnnconvert":
-            super().fine_tune(train_data, epochs, seed, **train_kwargs)
+            super().fine_tune(run)
             return
         model = self.model
-        beta = _constant_beta(train_kwargs.pop("beta", self.beta))
-        samples = self.train_samples = train_kwargs.pop("samples", self.samples)
-        nll = self._loss(train_kwargs.pop("class_weights", None))
+        beta = _constant_beta(run.settings.beta)
+        samples = self.train_samples = run.settings.samples
+        nll = self._loss(run.options.get("class_weights"))
         loss = stacked_loss(nll, samples, "mean", extra=lambda: beta * _get_kl_loss(model))
         wrapper = StackedBatch(model, lambda x: torch.stack([model(x) for _ in range(samples)]))
-        self._train(wrapper, train_data, epochs, seed, loss_fn=loss, **train_kwargs)
+        self._train(wrapper, run, loss_fn=loss)
 
 
 def bayesian_torch_convert(

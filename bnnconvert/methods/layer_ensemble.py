@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from .._utils import split_batch
 from ..metrics import aula
 from ..models import UNet
 from ..predict import eval_mode
-from ..saliency import unpack_batch
-from ..train import first_batch
-from .base import Method, StackedBatch, stacked_loss
+from ..training import first_batch
+from .base import FitRun, Method, StackedBatch, stacked_loss
 
 __all__ = ["LayerEnsemble", "LayerEnsembleNet", "default_stages"]
 
@@ -186,29 +185,18 @@ class LayerEnsemble(Method):
         p = next(model.parameters())
         return net.to(device=p.device, dtype=p.dtype)
 
-    def fit(
-        self,
-        train_data: Iterable,
-        *,
-        epochs: int,
-        seed: int | None = None,
-        val_data: Iterable | None = None,
-        **train_kwargs: Any,
-    ) -> LayerEnsemble:
-        """Train network and heads for ``epochs`` epochs on the sum of the member losses."""
-        self._begin(train_data, epochs, seed)
+    def train_model(self, run: FitRun) -> None:
+        """Train network and heads for ``run.epochs`` epochs on the sum of the member
+        losses."""
         if not isinstance(self.initial, LayerEnsembleNet):
-            x, _ = unpack_batch(first_batch(train_data), self.device)
-            if seed is not None:
-                torch.manual_seed(seed)
+            x, _ = split_batch(first_batch(run.train_data), self.device)
+            if run.seed is not None:
+                torch.manual_seed(run.seed)
             self.initial = self._build(self.initial, x)
         self.model = self._fresh()
-        nll = self._loss(train_kwargs.pop("class_weights", None))
+        nll = self._loss(run.options.get("class_weights"))
         loss = stacked_loss(nll, self.members, "sum")
-        self._train(
-            StackedBatch(self.model), train_data, epochs, seed, loss_fn=loss, **train_kwargs
-        )
-        return self
+        self._train(StackedBatch(self.model), run, loss_fn=loss)
 
     def outputs(self, x: Tensor, samples: int) -> Tensor:
         """The members from ``skip`` on: (K - skip, N, C, *spatial)."""

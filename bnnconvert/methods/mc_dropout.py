@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Method, last_convertible_layers
+from .base import FitRun, Method, last_convertible_layers
 
 __all__ = ["MCDropout", "MonteCarloDropout", "insert_dropout"]
 
@@ -76,17 +75,7 @@ class MonteCarloDropout(Method):
         insert_dropout(self.initial, self.layers, p)
         self.model = self._fresh()
 
-    def fit(
-        self,
-        train_data: Iterable,
-        *,
-        epochs: int,
-        seed: int | None = None,
-        val_data: Iterable | None = None,
-        **train_kwargs: Any,
-    ) -> MonteCarloDropout:
-        """NLL training of the model with dropout for ``epochs`` epochs."""
-        self._begin(train_data, epochs, seed)
+    def train_model(self, run: FitRun) -> None:
+        """NLL training of the model with dropout for ``run.epochs`` epochs."""
         self.model = self._fresh()
-        self._train(self.model, train_data, epochs, seed, **train_kwargs)
-        return self
+        self._train(self.model, run)

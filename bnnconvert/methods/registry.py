@@ -1,4 +1,5 @@
-"""Method names for the benchmark command: ``get_method("partial1", model)``."""
+"""Method names, as the comparison and ``bnnconvert benchmark`` take them:
+``get_method("partial1", model)``."""
 
 from __future__ import annotations
 

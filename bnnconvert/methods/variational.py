@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable
-from typing import Any
 
 from torch import nn
 
 from ..elbo import BetaSchedule
-from .base import Method
+from ..training import TrainSettings
+from .base import FitRun, Method
 
 __all__ = ["VariationalMethod"]
 
 
 class VariationalMethod(Method):
     """Convert a copy of the model at :meth:`fit`, then train it with the ELBO of
-    :func:`bnnconvert.train.train` (S = ``samples`` posterior samples per step).
+    :func:`bnnconvert.training.train` (S = ``samples`` posterior samples per step).
+
+    Its fits train with its own ``beta`` and ``samples`` whatever ``settings`` says; a
+    ``beta=`` or ``samples=`` keyword of :meth:`fit` overrides them for that fit.
 
     Args:
         model, task, samples, name: see :class:`~bnnconvert.methods.Method`.
@@ -55,26 +58,16 @@ class VariationalMethod(Method):
     def convert(self, model: nn.Module, train_data: Iterable, seed: int | None) -> nn.Module:
         """The converted model (``model`` is a fresh copy that may be converted in place)."""
 
-    def fit(
-        self,
-        train_data: Iterable,
-        *,
-        epochs: int,
-        seed: int | None = None,
-        val_data: Iterable | None = None,
-        **train_kwargs: Any,
-    ) -> VariationalMethod:
-        """Convert the given model (its weights become mu), then ``epochs`` epochs of ELBO
-        training (``val_data`` is not used)."""
-        self._begin(train_data, epochs, seed)
-        self.model = self.convert(self._fresh(), train_data, seed)
-        self.fine_tune(train_data, epochs, seed, **train_kwargs)
-        return self
+    def train_settings(self, settings: TrainSettings) -> TrainSettings:
+        return settings.replace(beta=self.beta, samples=self.samples)
 
-    def fine_tune(
-        self, train_data: Iterable, epochs: int, seed: int | None, **train_kwargs: Any
-    ) -> None:
-        """ELBO training of the converted ``self.model`` (beta and S from the method)."""
-        train_kwargs.setdefault("beta", self.beta)
-        self.train_samples = train_kwargs.setdefault("samples", self.samples)
-        self._train(self.model, train_data, epochs, seed, **train_kwargs)
+    def train_model(self, run: FitRun) -> None:
+        """Convert the given model (its weights become mu), then ``run.epochs`` epochs of
+        ELBO training (``val_data`` is not used)."""
+        self.model = self.convert(self._fresh(), run.train_data, run.seed)
+        self.fine_tune(run)
+
+    def fine_tune(self, run: FitRun) -> None:
+        """ELBO training of the converted ``self.model`` (beta and S from the settings)."""
+        self.train_samples = run.settings.samples
+        self._train(self.model, run)

@@ -1,4 +1,4 @@
-"""Loading what users have, and saving/loading converted models.
+"""Saving and loading models: user checkpoints, the converted-model file, architecture specs.
 
 User checkpoints (:func:`load_checkpoint`):
 
@@ -9,7 +9,7 @@ User checkpoints (:func:`load_checkpoint`):
   torch.compile's ``"_orig_mod."``) is found by matching the architecture's own keys and
   stripped. Read with ``torch.load(weights_only=True)``: no code is unpickled.
 - a whole module saved with ``torch.save(model)``. Reading it means unpickling, which can
-  run arbitrary code, so it is refused unless ``trust_pickle=True`` (CLI: ``--trust-pickle``).
+  run arbitrary code, so it is refused unless ``trust_pickle=True``.
 - a TorchScript file (``torch.jit.save``): its weights are loaded into the architecture
   given by ``arch``. A ScriptModule itself cannot be converted (its layers are compiled
   code, not ``nn.Linear``/``nn.Conv*`` objects), so without ``arch`` it is refused.
@@ -32,40 +32,38 @@ architecture spec in the attribute ``bnnconvert_arch`` (set by :func:`load_check
 from __future__ import annotations
 
 import ast
-import importlib
-import inspect
 import logging
 import os
-import re
+import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.serialization
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
-from .convert import INFO_ATTR, bayes_summary, convert, num_bayesian, to_deterministic
+from ._utils import atomic_torch_save, check_payload, first_line
+from ._utils import resolve_factory as resolve_arch
+from ._version import __version__
+from .convert import INFO_ATTR, bayes_summary, num_bayesian, to_deterministic
 from .layers import BayesianLayer, attach_owners, bayesian_layers, make_bayesian
-from .saliency import DATA_CRITERIA, Saliency, atomic_torch_save, check_r_bayes, compute_saliency
+from .saliency import FORMAT as SALIENCY_FORMAT
 
 __all__ = [
     "ARCH_ATTR",
-    "atomic_write_text",
     "build_model",
-    "check_output_path",
-    "convert_checkpoint",
-    "demo_dataset",
     "describe",
     "load",
     "load_checkpoint",
-    "open_data",
+    "load_state_strict",
     "parse_arch_kwargs",
+    "remember_arch",
     "resolve_arch",
     "save",
+    "strip_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,41 +75,9 @@ ARCH_ATTR = "bnnconvert_arch"
 
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _PICKLE_WHY = "unpickling can run arbitrary code, so do this only for files from a source you trust"
-_FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 # ----------------------------------------------------------------------- architectures
-def resolve_arch(spec: str, what: str = "architecture") -> Callable[..., Any]:
-    """The callable named by ``"package.module:factory"`` (``factory`` may be dotted).
-
-    Raises ValueError when the spec is malformed, its module does not import or it has no
-    such attribute; ``what`` names the spec in the message.
-    """
-    if not isinstance(spec, str) or not _FACTORY_SPEC.match(spec):
-        raise ValueError(
-            f"bad {what} spec {spec!r}; use 'package.module:factory', "
-            "e.g. torchvision.models:resnet18 or bnnconvert.models:UNet"
-        )
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(
-            f"cannot import module {module_name!r} of {what} {spec!r} ({exc}); check the "
-            "spelling and that the package is installed (or on PYTHONPATH)"
-        ) from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(
-                f"module {module_name!r} has no {attr!r} ({what} {spec!r}); check the "
-                "name after the colon"
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise ValueError(f"{what} {spec!r} is not callable; name a factory or a class")
-    return obj
-
-
 def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """``factory(**arch_kwargs)`` for ``arch = "package.module:factory"``; the model
     remembers its spec (attribute ``bnnconvert_arch``)."""
@@ -121,11 +87,11 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.M
         model = factory(**kwargs)
     except TypeError as exc:
         raise ValueError(
-            f"{arch}({_kwargs_text(kwargs)}) failed: {exc}; check --arch-kwargs / arch_kwargs"
+            f"{arch}({_kwargs_text(kwargs)}) failed: {exc}; check arch_kwargs=..."
         ) from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
-    _remember_arch(model, arch, kwargs)
+    remember_arch(model, arch, kwargs)
     return model
 
 
@@ -146,7 +112,7 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             value = None
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ValueError(f"bad --arch-kwargs {text!r}: expected a dict of name: literal")
+            raise ValueError(f"bad arch_kwargs text {text!r}: expected a dict of name: literal")
         return value
     try:
         call = ast.parse(f"f({text})", mode="eval").body
@@ -158,7 +124,7 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
         or any(kw.arg is None for kw in call.keywords)
     ):
         raise ValueError(
-            f"bad --arch-kwargs {text!r}; use comma-separated name=value pairs with Python "
+            f"bad arch_kwargs text {text!r}; use comma-separated name=value pairs with Python "
             "literal values, e.g. num_classes=14,in_channels=1"
         )
     return {kw.arg: _literal(kw.value, kw.arg, text) for kw in call.keywords}
@@ -171,7 +137,7 @@ def _literal(node: ast.expr, name: str, text: str) -> Any:
         if isinstance(node, ast.Name):
             return node.id
         raise ValueError(
-            f"bad --arch-kwargs {text!r}: the value of {name!r} is not a literal (a number, a "
+            f"bad arch_kwargs text {text!r}: the value of {name!r} is not a literal (a number, a "
             "string, True/False/None, a tuple or list of those)"
         ) from None
 
@@ -207,7 +173,9 @@ def _plain(value: Any, where: str) -> Any:
     )
 
 
-def _remember_arch(model: nn.Module, arch: str | None, kwargs: Mapping[str, Any] | None) -> None:
+def remember_arch(model: nn.Module, arch: str | None, kwargs: Mapping[str, Any] | None) -> None:
+    """Record ``arch`` and its ``kwargs`` on ``model`` (attribute ``bnnconvert_arch``) so
+    that :func:`save` writes them; nothing for ``arch=None``."""
     if arch is not None:
         setattr(model, ARCH_ATTR, {"arch": arch, "kwargs": dict(kwargs or {})})
 
@@ -251,27 +219,20 @@ def _pickle_refused(path: Path, unsafe: list[str]) -> ValueError:
     what = f" (it holds {', '.join(unsafe[:3])}{', ...' if len(unsafe) > 3 else ''})"
     return ValueError(
         f"{path} is a pickled Python object, not plain weights{what if unsafe else ''}; "
-        f"loading it needs --trust-pickle (trust_pickle=True): {_PICKLE_WHY}. Safer: save "
-        "model.state_dict() and pass --arch"
+        f"loading it needs trust_pickle=True: {_PICKLE_WHY}. Safer: save "
+        "model.state_dict() and pass arch=..."
     )
 
 
 def _read_torchscript(path: Path) -> torch.jit.ScriptModule:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ValueError(
-                f"{path} looks like TorchScript but torch.jit.load failed: {_first_line(exc)}"
+                f"{path} looks like TorchScript but torch.jit.load failed: {first_line(exc)}"
             ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _find_state_dict(obj: Mapping, path: Path) -> dict[str, Tensor] | None:
@@ -332,8 +293,8 @@ def load_state_strict(model: nn.Module, state: Mapping[str, Tensor], source: str
         problems.append(f"{len(unexpected)} file tensors are unknown (e.g. {unexpected[0]!r})")
     if problems:
         raise ValueError(
-            f"{source} does not fit the architecture: {'; '.join(problems)}; check --arch and "
-            "--arch-kwargs (e.g. num_classes, in_channels)"
+            f"{source} does not fit the architecture: {'; '.join(problems)}; check arch=... and "
+            "arch_kwargs=... (e.g. num_classes, in_channels)"
         )
     model.load_state_dict(state, strict=True)
 
@@ -348,8 +309,8 @@ def _model_from_state(
     if arch is None:
         raise ValueError(
             f"{path} holds a state_dict ({len(state)} tensors) but no architecture; pass "
-            "--arch package.module:factory (arch=...), e.g. --arch torchvision.models:resnet18 "
-            "--arch-kwargs num_classes=14"
+            "arch=... ('package.module:factory', e.g. 'torchvision.models:resnet18') and "
+            "arch_kwargs=... (e.g. num_classes=14)"
         )
     model = build_model(arch, kwargs)
     state = strip_prefix(state, model.state_dict().keys())
@@ -381,26 +342,27 @@ def load_checkpoint(
     path = Path(path)
     obj = _read(path, trust_pickle)
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        check_payload(obj, FORMAT, FORMAT_VERSION, path, "")
         return _rebuild(obj, path, False, arch, arch_kwargs)
-    if isinstance(obj, Mapping) and obj.get("format") == "bnnconvert.saliency":
+    if isinstance(obj, Mapping) and obj.get("format") == SALIENCY_FORMAT:
         raise ValueError(f"{path} is a saliency file, not a model; pass the model checkpoint")
     if isinstance(obj, torch.jit.ScriptModule):
         if arch is None:
             raise ValueError(
                 f"{path} is a TorchScript module, which cannot be converted (its layers are "
-                "compiled code); pass --arch (arch=...) to load its weights into the Python "
+                "compiled code); pass arch=... to load its weights into the Python "
                 "architecture, or save model.state_dict() instead"
             )
         return _model_from_state(obj.state_dict(), path, arch, arch_kwargs)
     if isinstance(obj, nn.Module):
-        _remember_arch(obj, arch, arch_kwargs)
+        remember_arch(obj, arch, arch_kwargs)
         return obj
     if isinstance(obj, Mapping):
         state = _find_state_dict(obj, path)
         if state is not None:
             return _model_from_state(state, path, arch, arch_kwargs)
         if isinstance(obj.get("model"), nn.Module):
-            _remember_arch(obj["model"], arch, arch_kwargs)
+            remember_arch(obj["model"], arch, arch_kwargs)
             return obj["model"]
         keys = ", ".join(map(repr, list(obj)[:6]))
         raise ValueError(
@@ -409,7 +371,7 @@ def load_checkpoint(
         )
     raise ValueError(
         f"{path} holds a {type(obj).__name__}, not a model or a state_dict; save "
-        "model.state_dict() (and pass --arch) or the model itself"
+        "model.state_dict() (and pass arch=...) or the model itself"
     )
 
 
@@ -433,11 +395,11 @@ def load(
     """
     path = Path(path)
     obj = _read(path, trust_pickle=False)
-    if not (isinstance(obj, Mapping) and obj.get("format") == FORMAT):
-        raise ValueError(
-            f"{path} was not written by bnnconvert.save; load user checkpoints with "
-            "bnnconvert.load_checkpoint(path, arch=...)"
-        )
+    wrong = (
+        f"{path} was not written by bnnconvert.save; load user checkpoints with "
+        "bnnconvert.load_checkpoint(path, arch=...)"
+    )
+    check_payload(obj, FORMAT, FORMAT_VERSION, path, wrong)
     return _rebuild(obj, path, deterministic, arch, arch_kwargs)
 
 
@@ -448,16 +410,12 @@ def _rebuild(
     arch: str | None,
     arch_kwargs: Mapping[str, Any] | None,
 ) -> nn.Module:
-    if payload.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} was written by a newer bnnconvert ({payload.get('bnnconvert_version')}, "
-            f"format {payload.get('version')}); upgrade bnnconvert to read it"
-        )
     stored_arch, stored_kwargs = payload.get("arch"), payload.get("arch_kwargs") or {}
     if arch is None and stored_arch is None:
         raise ValueError(
-            f"{path} was saved without an architecture spec; pass --arch package.module:factory "
-            "(arch=...) and --arch-kwargs, or save with bnnconvert.save(model, path, arch=...)"
+            f"{path} was saved without an architecture spec; pass arch=... "
+            "('package.module:factory') and arch_kwargs=..., or save with "
+            "bnnconvert.save(model, path, arch=...)"
         )
     spec = arch or stored_arch
     kwargs = dict(arch_kwargs) if arch_kwargs is not None else dict(stored_kwargs)
@@ -482,7 +440,7 @@ def _reapply_conversion(
         if layer_name not in modules:
             raise ValueError(
                 f"{path} has a Bayesian layer {layer_name!r} that the architecture lacks; check "
-                "--arch and --arch-kwargs"
+                "arch=... and arch_kwargs=..."
             )
         module = modules[layer_name]
         masks = {n: _mask_from_state(module, layer_name, n, state, path) for n in names}
@@ -504,7 +462,7 @@ def _mask_from_state(
     if param is None or idx is None or rho is None:
         raise ValueError(
             f"{path} is damaged or does not fit the architecture: no {name!r} mask for layer "
-            f"{layer!r}; check --arch and --arch-kwargs"
+            f"{layer!r}; check arch=... and arch_kwargs=..."
         )
     mask = torch.zeros(param.numel(), dtype=torch.bool)
     if idx.numel() == 0 and rho.numel() == param.numel():
@@ -536,8 +494,6 @@ def save(
             Without one the file is written and :func:`load` then needs ``arch=``.
         arch_kwargs: the factory's keyword arguments (default: the remembered ones).
     """
-    from . import __version__
-
     stored_arch, stored_kwargs = _arch_of(model)
     spec = arch or stored_arch
     kwargs = _plain(dict(arch_kwargs) if arch_kwargs is not None else stored_kwargs, "arch_kwargs")
@@ -562,85 +518,6 @@ def save(
     atomic_torch_save(payload, path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename: never a torn file."""
-    path = check_output_path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail early (before any long computation) if ``path`` cannot be written."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"output {path} is a folder; pass a file name such as {path}/model.pt")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder does not exist: {path.parent}; create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write to {path.parent}")
-    return path
-
-
-# ----------------------------------------------------------------------- one line
-def convert_checkpoint(
-    checkpoint: str | os.PathLike | nn.Module,
-    data: Iterable | None = None,
-    r_bayes: float = 0.01,
-    *,
-    arch: str | None = None,
-    arch_kwargs: Mapping[str, Any] | None = None,
-    criterion: str = "grad2",
-    saliency: Saliency | str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-    trust_pickle: bool = False,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-    num_batches: int | None = None,
-    device: str | torch.device | None = None,
-    **convert_kwargs: Any,
-) -> nn.Module:
-    """Checkpoint in, partial Bayesian network out: load, score, select, convert, save.
-
-    Args:
-        checkpoint: a file :func:`load_checkpoint` reads, or a model.
-        data: (input, target) batches for the saliency pass (criteria "grad2", "fisher").
-        r_bayes: fraction of entries made Bayesian, in (0, 1].
-        arch, arch_kwargs, trust_pickle: see :func:`load_checkpoint`.
-        criterion: saliency criterion when ``saliency`` is None.
-        saliency: a ready :class:`~bnnconvert.Saliency` or the path of a saved one.
-        output: if given, the converted model is written there with :func:`save`.
-        loss_fn, num_batches, device: passed to :func:`~bnnconvert.compute_saliency`.
-        **convert_kwargs: passed to :func:`~bnnconvert.convert` (prior_sigma, rho_init,
-            moped_delta, scope, ...).
-
-    Returns the converted model (it remembers its architecture spec).
-    """
-    check_r_bayes(r_bayes)
-    if output is not None:
-        check_output_path(output)
-    if isinstance(checkpoint, nn.Module):
-        model = checkpoint
-        _remember_arch(model, arch, arch_kwargs)
-    else:
-        model = load_checkpoint(checkpoint, arch, arch_kwargs, trust_pickle=trust_pickle)
-    if saliency is None:
-        if criterion in DATA_CRITERIA and data is None:
-            raise ValueError(
-                f"criterion {criterion!r} needs data=... for its gradient pass; pass data, a "
-                "saved saliency, or criterion='magnitude' / 'random'"
-            )
-        saliency = compute_saliency(
-            model, data, loss_fn, criterion=criterion, num_batches=num_batches, device=device
-        )
-    pbnn = convert(model, saliency, r_bayes, **convert_kwargs)
-    if output is not None:
-        save(pbnn, output)
-    return pbnn
-
-
 # ----------------------------------------------------------------------- describing
 def describe(model: nn.Module) -> dict[str, Any]:
     """Plain facts about a model for reports and ``bnnconvert info``.
@@ -660,102 +537,3 @@ def describe(model: nn.Module) -> dict[str, Any]:
         "bayesian_layers": sum(1 for m in model.modules() if isinstance(m, BayesianLayer)),
         "conversion": dict(getattr(model, INFO_ATTR, None) or {}) or None,
     }
-
-
-# ----------------------------------------------------------------------- data
-def open_data(
-    spec: str | os.PathLike,
-    split: str = "train",
-    *,
-    batch_size: int = 32,
-    shuffle: bool = False,
-    seed: int = 0,
-    size: int | None = None,
-    as_rgb: bool | None = None,
-    num_workers: int = 0,
-) -> Iterable:
-    """A loader of (input, target) batches from what the CLI's ``--data`` names.
-
-    - a MedMNIST-format ``.npz`` file (:func:`~bnnconvert.data.medmnist_npz`);
-    - a folder of ``images/`` and ``masks/`` (:func:`~bnnconvert.data.segmentation_folder`),
-      reading ``<folder>/<split>/`` when that subfolder exists;
-    - ``"package.module:factory"``: the factory is called with those of the keyword
-      arguments ``split``, ``batch_size``, ``shuffle``, ``seed`` that it accepts and must
-      return a DataLoader (or any iterable of (input, target) batches);
-    - a bundled real demo set: ``"demo:digits"`` (MNIST, splits train/val/test),
-      ``"demo:nuclei"`` (fluorescence nuclei tiles, train/test), ``"demo:ood"`` (photo
-      patches, the digits' out-of-distribution set; every split gives the same 500).
-
-    Loaders built here are seeded (:func:`~bnnconvert.data.make_loader`); training loaders
-    (``shuffle=True``) drop a last incomplete batch. The dataset's ``task`` and
-    ``class_weights()`` are reachable as ``loader.dataset``.
-    """
-    from .data import make_loader, medmnist_npz, segmentation_folder
-
-    text = os.fspath(spec)
-    path = Path(text)
-    if not path.exists() and text.startswith(DEMO_PREFIX):
-        dataset = demo_dataset(text, split, size=size, as_rgb=as_rgb)
-    elif not path.exists() and _FACTORY_SPEC.match(text):
-        return _data_from_factory(text, split, batch_size, shuffle, seed)
-    elif path.is_dir():
-        sub = split if (path / split).is_dir() else None
-        if sub is None and not (path / "images").is_dir():
-            found = sorted(p.name for p in path.iterdir() if p.is_dir())
-            raise FileNotFoundError(
-                f"no {split}/ or images/ folder in {path} (it has {found}); a segmentation "
-                "folder holds images/ and masks/, optionally under train/, val/, test/"
-            )
-        dataset = segmentation_folder(path, sub, size=size)
-    elif path.is_file():
-        dataset = medmnist_npz(path, split, size=size, as_rgb=as_rgb)
-    else:
-        raise FileNotFoundError(
-            f"no data at {path}; pass a MedMNIST .npz file, a folder of images/ and masks/, "
-            "or package.module:factory returning a DataLoader"
-        )
-    drop_last = shuffle and len(dataset) > batch_size
-    return make_loader(
-        dataset,
-        batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        num_workers=num_workers,
-        drop_last=drop_last,
-    )
-
-
-DEMO_PREFIX = "demo:"
-DEMO_SETS = ("digits", "nuclei", "ood")
-"""The bundled real data sets, named ``demo:<name>`` on the command line."""
-
-
-def demo_dataset(
-    spec: str, split: str = "train", *, size: int | None = None, as_rgb: bool | None = None
-) -> Dataset:
-    """The bundled data set named ``"demo:digits"``, ``"demo:nuclei"`` or ``"demo:ood"``."""
-    from .data import demo_classification, demo_ood, demo_segmentation
-
-    name = spec.removeprefix(DEMO_PREFIX)
-    if name == "digits":
-        return demo_classification(split, size=size, as_rgb=as_rgb)
-    if name == "nuclei":
-        return demo_segmentation(split, size=size)
-    if name == "ood":
-        return demo_ood(size=size, as_rgb=as_rgb)
-    names = ", ".join(DEMO_PREFIX + n for n in DEMO_SETS)
-    raise ValueError(f"unknown bundled data set {spec!r}; choose one of {names}")
-
-
-def _data_from_factory(spec: str, split: str, batch_size: int, shuffle: bool, seed: int):
-    factory = resolve_arch(spec, "data factory")
-    offered = {"split": split, "batch_size": batch_size, "shuffle": shuffle, "seed": seed}
-    params = inspect.signature(factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = offered
-    else:
-        kwargs = {k: v for k, v in offered.items() if k in params}
-    loader = factory(**kwargs)
-    if not isinstance(loader, Iterable):
-        raise ValueError(f"data factory {spec} returned {type(loader).__name__}, not a loader")
-    return loader

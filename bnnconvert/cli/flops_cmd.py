@@ -1,7 +1,6 @@
 """``bnnconvert flops``: the FLOP report of a checkpoint, and the cost of each method.
 
-A thin click wrapper over :func:`bnnconvert.flops.flops_report_text`; it joins the CLI
-group through :data:`bnnconvert.cli.PLUGIN_COMMANDS`.
+A thin click wrapper over :func:`bnnconvert.costs.flops_report_text`.
 """
 
 from __future__ import annotations
@@ -12,8 +11,9 @@ from typing import Any
 import click
 import torch
 
-from .cli import load_cli_model, model_options
-from .flops import compare_methods, count_flops, flops_report_text, parse_input_shape
+from ..costs import compare_method_costs, flops_report_text, parse_input_shape
+from ..flops import count_flops
+from .options import load_cli_model, model_options
 
 __all__ = ["flops"]
 
@@ -91,6 +91,6 @@ def flops(
         "unsupported_ops": report.unsupported_ops,
     }
     if compare:
-        table = compare_methods(net, inputs, device=device, convention=convention)
+        table = compare_method_costs(net, inputs, device=device, convention=convention)
         facts["multiples_of_deterministic"] = table.multiples()
     click.echo(json.dumps(facts, indent=2))

@@ -1,0 +1,164 @@
+"""``bnnconvert evaluate`` and ``bnnconvert info``: the metrics of a model, and its facts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import plots
+from .._utils import atomic_write_text, check_output_path, json_safe
+from ..convert import bayes_summary
+from ..serialization import describe
+from ..training import check_fit, evaluate_model, seed_everything
+from .options import (
+    check_batch_size,
+    cli_loader,
+    cli_task_loss,
+    data_options,
+    load_cli_model,
+    model_options,
+    show_progress,
+)
+
+__all__ = ["evaluate", "info"]
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  bnnconvert evaluate trained.pt --data demo:digits --samples 5
+  bnnconvert evaluate trained.pt --data chestmnist.npz --json metrics.json --plots plots/"""
+)
+@click.argument("model")
+@click.option("--data", required=True, help="Evaluation data.")
+@click.option("--split", default="test", show_default=True)
+@click.option(
+    "--samples",
+    default=5,
+    show_default=True,
+    help="Posterior samples (1 for a deterministic model).",
+)
+@click.option(
+    "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON."
+)
+@click.option(
+    "--plots",
+    "plots_dir",
+    type=click.Path(file_okay=False),
+    help="Write PNG plots (reliability diagram; segmentation overlays) there.",
+)
+@model_options
+@data_options
+@click.pass_context
+def evaluate(
+    ctx: click.Context,
+    model: str,
+    data: str,
+    split: str,
+    samples: int,
+    json_path: str | None,
+    plots_dir: str | None,
+    **o: Any,
+) -> None:
+    """Metrics of a model on a data split.
+
+    Accuracy / AUC or Dice / IoU, NLL, Brier, ECE and the uncertainty terms of a
+    --samples Monte Carlo prediction.
+    """
+    if json_path:
+        check_output_path(json_path)
+    check_batch_size(o["batch_size"])
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    loader = cli_loader(data, split, False, o)
+    task, loss_fn = cli_task_loss(loader, o["task"], False)
+    net.to(o["device"])
+    seed_everything(o["seed"])  # the Monte Carlo samples
+    check_fit(net, loader, loss_fn, task)
+    prediction, metrics = evaluate_model(
+        net, loader, task, samples=samples, device=o["device"], progress=show_progress(ctx)
+    )
+    click.echo(_table(metrics, f"{model} on {data} [{split}], {len(prediction)} items"))
+    if json_path:
+        record = {
+            "model": model,
+            "data": data,
+            "split": split,
+            "task": task,
+            "samples": samples,
+            "metrics": json_safe(metrics),
+        }
+        atomic_write_text(json_path, json.dumps(record, indent=2) + "\n")
+    if plots_dir:
+        for path in _write_plots(prediction, task or "multiclass", Path(plots_dir), loader):
+            click.echo(f"wrote {path}")
+
+
+def _table(metrics: dict[str, float], title: str) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join([title, *(f"  {k:<{width}}  {v:.4f}" for k, v in metrics.items())])
+
+
+def _write_plots(prediction: Any, task: str, folder: Path, loader: Iterable) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    if task != "segmentation":
+        path = folder / "reliability.png"
+        plots.reliability_diagram(
+            prediction.probs,
+            prediction.targets,
+            path=path,
+            task="multilabel" if task == "multilabel" else "multiclass",
+        )
+        return [path]
+    dataset = loader.dataset
+    paths = []
+    for i in range(min(4, len(prediction))):
+        path = folder / f"overlay_{i}.png"
+        plots.segmentation_overlay(
+            dataset[i][0],
+            prediction.probs[i].argmax(0),
+            prediction.targets[i],
+            prediction.entropy[i],
+            path=path,
+        )
+        paths.append(path)
+    return paths
+
+
+@click.command(
+    epilog="""\b
+Examples:
+  bnnconvert info bayes.pt
+  bnnconvert info weights.pt --arch torchvision.models:resnet18 --arch-kwargs num_classes=14"""
+)
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+@model_options
+def info(model: str, as_json: bool, **o: Any) -> None:
+    """Architecture and Bayesian entries per layer."""
+    net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
+    facts = describe(net)
+    if as_json:
+        click.echo(json.dumps(facts, indent=2))
+        return
+    arch = facts["arch"] or "(not recorded)"
+    if facts["arch_kwargs"]:
+        arch += "(" + ", ".join(f"{k}={v!r}" for k, v in facts["arch_kwargs"].items()) + ")"
+    k, n = facts["bayesian"], facts["entries"]
+    click.echo(f"file:          {model}")
+    click.echo(f"class:         {facts['class']}")
+    click.echo(f"architecture:  {arch}")
+    click.echo(f"parameters:    {facts['parameters']:,}")
+    click.echo(
+        f"bayesian:      {k:,} of {n:,} entries ({100 * k / max(n, 1):.2f} %) "
+        f"in {facts['bayesian_layers']} layers"
+    )
+    if facts["conversion"]:
+        click.echo(
+            "conversion:    "
+            + ", ".join(f"{key} {value}" for key, value in facts["conversion"].items())
+        )
+    click.echo(str(bayes_summary(net)))

@@ -1,0 +1,157 @@
+"""The options and helpers that several commands share.
+
+:func:`model_options` adds ``--arch``, ``--arch-kwargs``, ``--trust-pickle``;
+:func:`data_options` adds ``--task``, ``--batch-size``, ``--size``, ``--as-rgb/--as-grey``,
+``--workers``, ``--seed``, ``--device``; :data:`output_option` adds ``-o/--output``. The
+helpers turn those options into library calls: the model (:func:`load_cli_model`), the
+loader (:func:`cli_loader`), the task and its loss (:func:`cli_task_loss`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import open_data
+from ..losses import LossFn, data_class_weights, data_task, task_loss
+from ..serialization import load_checkpoint, parse_arch_kwargs
+from ..training import check_fit
+
+__all__ = [
+    "check_batch_size",
+    "cli_loader",
+    "cli_task_loss",
+    "data_options",
+    "load_cli_model",
+    "model_options",
+    "output_option",
+    "saliency_data",
+    "show_progress",
+]
+
+
+def show_progress(ctx: click.Context) -> bool:
+    """Whether to draw progress bars: the root ``--progress/--no-progress`` flag, else
+    whether stderr is a terminal."""
+    flag = ctx.find_root().params.get("progress")
+    return sys.stderr.isatty() if flag is None else flag
+
+
+def _parse_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) -> dict:
+    try:
+        return parse_arch_kwargs(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def model_options(fn: Callable) -> Callable:
+    """--arch, --arch-kwargs, --trust-pickle."""
+    fn = click.option(
+        "--trust-pickle",
+        is_flag=True,
+        help="Allow loading a whole pickled module (torch.save(model)): "
+        "unpickling can run arbitrary code.",
+    )(fn)
+    fn = click.option(
+        "--arch-kwargs",
+        callback=_parse_kwargs,
+        metavar="K=V,...",
+        help="Keyword arguments of the factory, Python literals: num_classes=14,in_channels=1.",
+    )(fn)
+    fn = click.option(
+        "--arch",
+        metavar="PKG.MOD:FACTORY",
+        help="Architecture of a state_dict checkpoint, e.g. torchvision.models:resnet18.",
+    )(fn)
+    return fn
+
+
+def data_options(fn: Callable) -> Callable:
+    """--task, --batch-size, --size, --as-rgb, --workers, --seed, --device."""
+    options = [
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option(
+            "--seed",
+            default=0,
+            show_default=True,
+            type=int,
+            help="Seeds the data order and every RNG.",
+        ),
+        click.option(
+            "--workers", default=0, show_default=True, type=int, help="DataLoader worker processes."
+        ),
+        click.option(
+            "--as-rgb/--as-grey",
+            default=None,
+            help="Convert images to 3 or 1 channels (default: as stored).",
+        ),
+        click.option("--size", type=int, help="Resize images to SIZE x SIZE pixels."),
+        click.option("--batch-size", default=50, show_default=True, type=int),
+        click.option(
+            "--task",
+            type=click.Choice(["multiclass", "multilabel", "segmentation"]),
+            help="The loss and metrics (default: from the data).",
+        ),
+    ]
+    for option in options:
+        fn = option(fn)
+    return fn
+
+
+output_option = click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="File to write (atomically).",
+)
+
+
+def load_cli_model(path: str, arch: str | None, arch_kwargs: dict, trust_pickle: bool) -> nn.Module:
+    """The model behind a command's MODEL argument and ``--arch``/``--arch-kwargs``/
+    ``--trust-pickle`` options (:func:`bnnconvert.serialization.load_checkpoint`)."""
+    return load_checkpoint(path, arch, arch_kwargs or None, trust_pickle=trust_pickle)
+
+
+def cli_loader(data: str, split: str, shuffle: bool, o: dict[str, Any]) -> Iterable:
+    """The DataLoader of ``--data`` (a file, folder or ``demo:`` name) for ``split``, with
+    the command's batch size, seed and image options ``o``."""
+    return open_data(
+        data,
+        split,
+        batch_size=o["batch_size"],
+        shuffle=shuffle,
+        seed=o["seed"],
+        size=o["size"],
+        as_rgb=o["as_rgb"],
+        num_workers=o["workers"],
+    )
+
+
+def cli_task_loss(loader: Iterable, task: str | None, weighted: bool) -> tuple[str | None, LossFn]:
+    """(task, loss function) for ``loader``: ``--task`` or the task the data declares,
+    with inverse-frequency class weights if ``weighted``."""
+    task = task or data_task(loader)
+    weights = data_class_weights(loader) if weighted and task is not None else None
+    return task, task_loss(task, weights)
+
+
+def saliency_data(ctx, net, data: str, split: str, weighted: bool, o: dict[str, Any]):
+    """(progress-wrapped loader, loss) of the saliency pass, checked against the model."""
+    check_batch_size(o["batch_size"])
+    loader = cli_loader(data, split, False, o)
+    task, loss_fn = cli_task_loss(loader, o["task"], weighted)
+    check_fit(net, loader, loss_fn, task)
+    bar = tqdm(loader, desc="saliency", unit="batch", disable=not show_progress(ctx), leave=False)
+    return bar, loss_fn
+
+
+def check_batch_size(value: int) -> None:
+    """Raise click.BadParameter (exit code 2) for a ``--batch-size`` below 1."""
+    if value < 1:
+        raise click.BadParameter(f"must be >= 1, got {value}", param_hint="--batch-size")
