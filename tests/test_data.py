@@ -13,7 +13,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from bnnconvert import data
+from bnnconvert import data, datasets
 
 DEMO = Path(data.__file__).resolve().parent / "demo_data"
 
@@ -64,7 +64,7 @@ def test_demo_digits_have_mnist_statistics():
 
 
 def test_demo_digit_splits_do_not_overlap(raw_digits):
-    seen = {s: {im.tobytes() for im in raw_digits[f"{s}_images"]} for s in data.SPLITS}
+    seen = {s: {im.tobytes() for im in raw_digits[f"{s}_images"]} for s in datasets.SPLITS}
     assert not seen["train"] & seen["val"]
     assert not seen["train"] & seen["test"]
     assert not seen["val"] & seen["test"]
@@ -394,4 +394,4 @@ def test_tiff_without_tifffile(tmp_path, monkeypatch):
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((4, 4), np.uint8))
     monkeypatch.setitem(sys.modules, "tifffile", None)
     with pytest.raises(ImportError, match="pip install tifffile"):
-        data._read_array(tmp_path / "a.tif", mask=False)
+        datasets._read_array(tmp_path / "a.tif", mask=False)
