@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bnnconvert
-from bnnconvert.sampling import hoist_plan, mc_outputs
 from bnnconvert.layers import bayesian_layers, convertible_parameters, posterior_cache
 from bnnconvert.models import UNet, resnet18
+from bnnconvert.sampling import hoist_plan, mc_outputs
 
 SAMPLES = 5
 BETA = 0.01

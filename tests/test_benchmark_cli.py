@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from torch import nn
 
 import bnnconvert
-from bnnconvert.methods.comparison import SWEEP_R_BAYES, sweep_method_names
 from bnnconvert.cli import main
+from bnnconvert.methods.comparison import SWEEP_R_BAYES, sweep_method_names
 from bnnconvert.methods.registry import check_method_names
 from bnnconvert.models import resnet18
 
@@ -182,8 +182,8 @@ def test_without_arch_a_resnet18_is_sized_from_the_bundled_data(tmp_path):
 def test_run_benchmark_is_reproducible_and_renders_without_a_sweep():
     from torch.utils.data import Subset
 
-    from bnnconvert.methods import run_comparison
     from bnnconvert.data import demo_classification, make_loader
+    from bnnconvert.methods import run_comparison
 
     def once():
         train = make_loader(Subset(demo_classification("train"), range(60)), 20, shuffle=True,

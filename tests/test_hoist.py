@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnnconvert
-from bnnconvert.sampling import hoist_plan, mc_outputs, mc_samples
 from bnnconvert.layers import bayesian_layers, convertible_parameters
+from bnnconvert.sampling import hoist_plan, mc_outputs, mc_samples
 
 
 def _masks(model: nn.Module, prefixes: tuple[str, ...], fraction: float, seed: int = 0):

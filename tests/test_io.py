@@ -15,6 +15,7 @@ from torch import nn
 import bnnconvert
 from bnnconvert import convert, mean_weights, to_deterministic
 from bnnconvert.data import open_data
+from bnnconvert.layers import bayesian_layers
 from bnnconvert.pipeline import convert_checkpoint
 from bnnconvert.serialization import (
     build_model,
@@ -26,7 +27,6 @@ from bnnconvert.serialization import (
     save,
     strip_prefix,
 )
-from bnnconvert.layers import bayesian_layers
 
 ARCH = "bnnconvert.models:resnet18"
 KWARGS = {"num_classes": 10, "in_channels": 1}
