@@ -152,9 +152,19 @@ def test_pipeline_in_process(ws, pipeline):
     assert record["task"] == "multiclass" and 0 <= record["metrics"]["accuracy"] <= 1
     assert set(record["metrics"]) >= {"accuracy", "nll", "ece", "brier", "mutual_info"}
     assert "accuracy" in pipeline["evaluate"] and "16 items" in pipeline["evaluate"]
-    assert (ws / "plots" / "reliability.png").stat().st_size > 0
+    assert png_size(ws / "plots" / "reliability.png") == (500, 600)  # 5 x 6 in, 100 dpi
     assert "bnnconvert.models:resnet18" in pipeline["info"]
     assert "111,658 of 11,165,770 entries (1.00 %)" in pipeline["info"]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG, decoded in full (a truncated file fails)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        assert img.format == "PNG"
+        return img.size
 
 
 def _start(*args, env=None, module="bnnconvert") -> subprocess.Popen:
@@ -186,6 +196,7 @@ def _wait(proc: subprocess.Popen, check=True) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.integration
 def test_pipeline_subprocess_with_kill_and_resume(ws, pipeline, tmp_path):
     """Each command as a real process, from a plain state_dict file + --arch; train is
     SIGKILLed mid-epoch, resumed, and ends bit-equal to the uninterrupted in-process run."""
@@ -593,4 +604,5 @@ def test_segmentation_folder_through_the_cli(tmp_path):
          "--beta", "linear:0.2:0.01", "-o", tmp_path / "trained.pt"])  # fmt: skip
     out = _ok(["evaluate", tmp_path / "trained.pt", *data, "--plots", tmp_path / "plots"])
     assert "dice" in out and "4 items" in out
-    assert len(list((tmp_path / "plots").glob("overlay_*.png"))) == 4
+    overlays = sorted((tmp_path / "plots").glob("overlay_*.png"))
+    assert [png_size(p) for p in overlays] == [(1200, 400)] * 4  # 12 x 4 in, 100 dpi

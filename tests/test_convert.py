@@ -343,6 +343,30 @@ def test_errors(resnet, unet):
         convert(resnet, {"fc.weight": torch.ones(10, 512, dtype=torch.bool)}, 0.1)
 
 
+def test_make_bayesian_errors():
+    from bnnconvert.layers import make_bayesian
+
+    masks = {"weight": torch.ones(3, 4, dtype=torch.bool)}
+    layer = make_bayesian(nn.Linear(4, 3), masks)
+    with pytest.raises(ValueError, match="Linear is already Bayesian"):
+        make_bayesian(layer, masks)
+    for delta in (0.0, -0.1):
+        with pytest.raises(ValueError, match="moped_delta must be positive"):
+            make_bayesian(nn.Linear(4, 3), masks, moped_delta=delta)
+        with pytest.raises(ValueError, match="moped_delta must be positive"):
+            convert(nn.Sequential(nn.Linear(4, 3)), "magnitude", 0.5, moped_delta=delta)
+    with pytest.raises(ValueError, match="moped_delta must be finite"):
+        make_bayesian(nn.Linear(4, 3), masks, moped_delta=float("inf"))
+    with pytest.raises(ValueError, match="prior_sigma must be positive"):
+        make_bayesian(nn.Linear(4, 3), masks, prior_sigma=0.0)
+    with pytest.raises(TypeError, match="not a Linear/Conv/ConvTranspose layer"):
+        make_bayesian(nn.BatchNorm1d(3), {"weight": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="has no parameter 'bias'"):
+        make_bayesian(nn.Linear(4, 3, bias=False), {"bias": torch.ones(3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="made for another architecture"):
+        make_bayesian(nn.Linear(4, 3), {"weight": torch.ones(4, 3, dtype=torch.bool)})
+
+
 # ------------------------------------------------------------------ sampling without grad
 def _mixed_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     """conv1: 1 % of the entries (perturbed in place without grad), fc.weight: half (copied),

@@ -59,6 +59,7 @@ def _saliency_worker(rank, world, port, criterion, out):
 
 
 @pytest.mark.parametrize("criterion", ["grad2", "fisher"])
+@pytest.mark.integration
 def test_sharded_saliency_equals_single_process(tmp_path, criterion):
     out = tmp_path / "sal.pt"
     mp.spawn(_saliency_worker, args=(2, _free_port(), criterion, str(out)), nprocs=2)
@@ -201,6 +202,7 @@ def ddp_run(tmp_path_factory):
     return folder
 
 
+@pytest.mark.integration
 def test_ddp_gradients_are_the_mean_over_ranks_with_per_rank_noise(ddp_run):
     x, y = next(iter(digits_loader(batch_size=8)))
     ranks = [torch.load(ddp_run / f"step{r}.pt") for r in range(2)]
@@ -223,6 +225,7 @@ def test_ddp_gradients_are_the_mean_over_ranks_with_per_rank_noise(ddp_run):
     assert any(n.endswith("_rho") for n in ranks[0]["params"])  # rho was trained too
 
 
+@pytest.mark.integration
 def test_ddp_rank0_output_loads_in_one_process_with_identical_outputs(ddp_run):
     ranks = [torch.load(ddp_run / f"full{r}.pt") for r in range(2)]
     loaded = load(ddp_run / "full.pt")
@@ -240,6 +243,7 @@ def test_ddp_rank0_output_loads_in_one_process_with_identical_outputs(ddp_run):
     assert not (ddp_run / "full.ckpt").exists()
 
 
+@pytest.mark.integration
 def test_ddp_run_resumed_from_the_rank0_checkpoint_equals_the_uninterrupted_run(ddp_run):
     full, cut = load(ddp_run / "full.pt").state_dict(), load(ddp_run / "cut.pt").state_dict()
     assert full.keys() == cut.keys()
@@ -253,6 +257,7 @@ def test_ddp_run_resumed_from_the_rank0_checkpoint_equals_the_uninterrupted_run(
     ]
 
 
+@pytest.mark.integration
 def test_cli_under_a_launcher_joins_the_group_and_equals_train(ddp_run):
     codes, outputs = zip(*((ddp_run / f"cli{r}.txt").read_text().split("\n", 1) for r in range(2)))
     assert codes == ("0", "0")
@@ -336,6 +341,7 @@ def test_cli_nproc_forwards_the_command_line(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow  # ~70 s here: torchrun and three processes importing torch, twice
+@pytest.mark.integration
 def test_cli_train_nproc_2_end_to_end(tmp_path):
     model = _converted()
     save(model, tmp_path / "bayes.pt")

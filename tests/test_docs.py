@@ -45,6 +45,7 @@ def site(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_every_nav_page_is_built(site):
     pages = _nav_pages()
     assert "index.md" in pages and "api.md" in pages and "cli.md" in pages
@@ -54,6 +55,7 @@ def test_every_nav_page_is_built(site):
         assert built.is_file(), f"{page} was not built to {built}"
 
 
+@pytest.mark.integration
 def test_api_reference_documents_every_top_level_name(site):
     """mkdocstrings rendered a heading for each name of ``bnnconvert.__all__``."""
     html = (site / "api" / "index.html").read_text()

@@ -75,11 +75,22 @@ def test_unet_skip_connections_cross_the_boundary(unet):
     assert not any(t.startswith("decoder") for t in prefix)
 
 
-def test_unet_random_global_selection(unet):
-    model = bnnconvert.convert(unet, "random", 0.05)
+def test_unet_random_selection_beyond_the_first_block(unet, caplog):
+    """Random entries in every block but the first: the first block is hoisted and the
+    samples equal the plain loop's. A global random selection also hits the first
+    convolution, which reads the input: nothing can be hoisted, and the plan says so."""
+    later = tuple(n.split(".")[0] + "." for n, _ in unet.named_children() if n != "encoder")
+    model = bnnconvert.convert(unet, _masks(unet, ("encoder.1.", "encoder.2.", *later), 0.05), None)
     with torch.no_grad():
         plain, hoisted = _both(model, torch.randn(2, 1, 16, 16))
     _assert_identical_samples(plain, hoisted)
+    assert "encoder.0.0" in _prefix_modules(model)
+
+    everywhere = bnnconvert.convert(unet, "random", 0.05)
+    assert everywhere.encoder[0][0].bayes_rho("weight").numel() > 0
+    with caplog.at_level(logging.DEBUG, logger="bnnconvert.sampling"):
+        assert hoist_plan(everywhere) is None
+    assert any("nothing to hoist" in r.getMessage() for r in caplog.records)
 
 
 def test_samples_one_and_validation(resnet):
@@ -90,8 +101,11 @@ def test_samples_one_and_validation(resnet):
         plain = model(x)
         torch.manual_seed(1)
         assert torch.equal(mc_outputs(model, x, 1)[0], plain)
+    assert "layer4.1.conv2" in _prefix_modules(model)  # one sample went through a plan
     with pytest.raises(ValueError, match="samples"):
         mc_outputs(model, x, 0)
+    with pytest.raises(TypeError, match="samples must be a positive integer"):
+        mc_outputs(model, x, 2.0)
 
 
 # ------------------------------------------------------------------------ stochastic ops
@@ -146,9 +160,14 @@ def test_deterministic_model_and_mean_weights(resnet):
     with torch.no_grad(), bnnconvert.mean_weights(model):
         plain, hoisted = _both(model, x, samples=3)
         assert torch.equal(plain, hoisted) and torch.equal(hoisted[0], hoisted[2])
+        at_mu = hoist_plan(model)
+        assert at_mu is not None and "fc" in _prefix_modules(model)  # nothing samples
     with torch.no_grad():  # sampling again after mean_weights: the plan follows the flag
         plain, hoisted = _both(model, x)
     _assert_identical_samples(plain, hoisted)
+    sampling = hoist_plan(model)
+    assert sampling is not None and sampling is not at_mu
+    assert "fc" not in _prefix_modules(model) and "layer4.1.conv2" in _prefix_modules(model)
 
 
 # ------------------------------------------------------------------------ fallbacks

@@ -146,6 +146,15 @@ def test_load_refuses_a_user_checkpoint(unet, tmp_path):
         load(tmp_path / "sd.pt")
 
 
+def test_a_file_of_a_newer_format_version_is_refused(unet, tmp_path):
+    save(convert(unet, "magnitude", 0.01), tmp_path / "b.pt", arch=UNET, arch_kwargs=UNET_KWARGS)
+    payload = torch.load(tmp_path / "b.pt", weights_only=True)
+    torch.save({**payload, "version": 2, "bnnconvert_version": "9.0"}, tmp_path / "b.pt")
+    for read in (load, load_checkpoint):
+        with pytest.raises(ValueError, match=r"newer bnnconvert \(9\.0.*upgrade bnnconvert"):
+            read(tmp_path / "b.pt")
+
+
 def test_failed_save_leaves_target_untouched(unet, tmp_path, monkeypatch):
     target = tmp_path / "b.pt"
     target.write_bytes(b"previous content")

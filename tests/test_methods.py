@@ -128,6 +128,56 @@ def test_prediction_is_bnnconvert_predict(seg_data, seg_model):
     assert torch.equal(ours.mutual_info, reference.mutual_info)
 
 
+def test_fit_is_one_template_with_the_settings_of_the_caller(seg_data, seg_model):
+    """Every method shares Method.fit; settings and single keywords reach train(); a
+    variational method keeps its own beta and S unless fit() is given them."""
+    from bnnconvert.methods import Method
+    from bnnconvert.training import TrainSettings
+
+    for cls in (Deterministic, Ensemble, SparseBayes, FullBayes, CheckpointEnsemble, SWA,
+                LayerEnsemble, MonteCarloDropout, LastLayers):  # fmt: skip
+        assert cls.fit is Method.fit, cls
+    part = SparseBayes(seg_model, r_bayes=0.05, criterion="magnitude", task="segmentation",
+                       samples=2, beta=0.1)  # fmt: skip
+    seen = []
+    part.fit(seg_data, epochs=1, seed=0, settings=TrainSettings(lr=0.05, beta=0.5),
+             on_step=seen.append)  # fmt: skip
+    assert {s.beta for s in seen} == {0.1} and part.train_samples == 2  # the method's own
+    part.fit(seg_data, epochs=1, seed=0, beta=0.2, samples=3, lr=0.05, on_step=seen.append)
+    assert seen[-1].beta == 0.2 and part.train_samples == 3  # fit's keywords win
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        part.fit(seg_data, epochs=1, learning_rate=0.1)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 0"):
+        part.fit(seg_data, epochs=-1)
+    with pytest.raises(TypeError, match="epochs must be an integer >= 0"):
+        part.fit(seg_data, epochs=1.5)
+    ens = CheckpointEnsemble(seg_model, task="segmentation")
+    with pytest.raises(ValueError, match="sets its own learning-rate schedule"):
+        ens.fit(seg_data, epochs=2, lr_schedule="cosine")
+
+
+def test_method_errors(seg_data, seg_model):
+    with pytest.raises(ValueError, match="bayesian-torch backend takes a constant beta"):
+        FullBayes(seg_model, beta="linear:0.2:0.01")
+    method = FullBayes(seg_model, task="segmentation", samples=2)
+    with pytest.raises(ValueError, match="bayesian-torch backend takes a constant beta"):
+        method.fit(seg_data, epochs=1, beta="linear:0.2:0.01")  # refused before training
+    assert method.train_steps == 0
+    FullBayes(seg_model, backend="bnnconvert", beta="linear:0.2:0.01")  # ours takes any
+    with pytest.raises(ValueError, match="no default stages for Sequential"):
+        LayerEnsemble(nn.Sequential(nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ValueError, match="no module named 'block9'"):
+        LayerEnsemble(seg_model, stages=["block9"])
+    with pytest.raises(ValueError, match="task must be one of"):
+        Deterministic(seg_model, task="regression")
+    with pytest.raises(TypeError, match="samples must be a positive integer"):
+        Deterministic(seg_model, samples=1.5)
+    with pytest.raises(RuntimeError, match="call fit"):
+        Ensemble(seg_model, members=2).predict(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="members must be a positive integer"):
+        Ensemble(seg_model, members=0)
+
+
 def test_flops_follow_the_method(seg_data, seg_model):
     x, _ = first(seg_data)
     det = Deterministic(seg_model, task="segmentation").fit(seg_data, epochs=1)
@@ -349,11 +399,26 @@ def test_temperature_scaling_lowers_validation_nll(cls_data, cls_model):
     val = make_loader(Subset(demo_classification("val"), range(64)), 32, shuffle=False, seed=0)
     method = Deterministic(model, task="multiclass", temperature_scaling=True)
     method.fit(cls_data, epochs=0, val_data=val)
-    scaled = evaluate(method.predict(val), task="multiclass")["nll"]
-    temperature, method.temperature = method.temperature, 1.0
-    raw = evaluate(method.predict(val), task="multiclass")["nll"]
-    assert temperature > 1.0
-    assert scaled < raw
+    scaled = method.predict(val)
+    temperature = method.temperature
+
+    def nll_at(t: float) -> float:
+        method.temperature = t
+        return evaluate(method.predict(val), task="multiclass")["nll"]
+
+    raw = nll_at(1.0)
+    assert evaluate(scaled, task="multiclass")["nll"] < raw
+    # the fitted T is the validation NLL's minimum, and it softens the overconfident model
+    assert nll_at(temperature) <= min(nll_at(0.8 * temperature), nll_at(1.25 * temperature))
+    method.temperature = 1.0
+    assert scaled.probs.max(1).values.mean() < method.predict(val).probs.max(1).values.mean()
+
+
+def test_temperature_scaling_without_validation_data_fails_before_training(cls_data, cls_model):
+    method = Deterministic(cls_model, task="multiclass", temperature_scaling=True)
+    with pytest.raises(ValueError, match="temperature scaling needs val_data"):
+        method.fit(cls_data, epochs=1)
+    assert method.train_steps == 0
 
 
 # ------------------------------------------------------------------------ comparison

@@ -93,10 +93,11 @@ def execute(name: str, monkeypatch):
     return nb
 
 
+@pytest.mark.integration
 def test_classification_notebook_runs_the_three_steps(monkeypatch):
     nb = execute("resnet18_classification.ipynb", monkeypatch)
     stdout = text(nb)
-    assert "100 training, 100 test, 100 OOD images" in stdout
+    assert "400 training, 100 test, 100 OOD images" in stdout
     # k = round(1 % of the Conv/Linear entries): one sigma per Bayesian entry, counted here
     net = resnet18(num_classes=10, in_channels=1)
     layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -109,16 +110,22 @@ def test_classification_notebook_runs_the_three_steps(monkeypatch):
     for accuracy, nll, ece, brier, entropy, ood in rows.values():
         assert 0 <= accuracy <= 1 and 0 <= ece <= 1 and 0 <= ood <= 1 and nll > 0
         assert 0 <= brier <= 2 and 0 <= entropy <= math.log(10) + 1e-4
+        # it learned: far above chance (10 classes), and the photographs are told from
+        # the digits by the entropy better than a coin flip
+        assert accuracy > 0.1 + 0.35 and nll < math.log(10)
+        assert ood > 0.5 + 0.05
     assert len(images(nb)) == 3  # two reliability diagrams, the entropy histograms
 
 
+@pytest.mark.integration
 def test_segmentation_notebook_runs_the_three_steps(monkeypatch):
     nb = execute("unet_segmentation.ipynb", monkeypatch)
     stdout = text(nb)
-    assert "20 training tiles, 16 test tiles" in stdout
+    assert "60 training tiles, 16 test tiles" in stdout
     rows = metric_rows(stdout, ("deterministic (+E)", "partial 1%"))
     assert len(rows) == 2
     for dice, iou, *_ in rows.values():
         assert 0 <= iou <= dice <= 1  # IoU = Dice / (2 - Dice) <= Dice
+        assert dice > 0.5  # it learned (an all-background mask scores 0)
     assert re.search(r"total\s+[\d,]+\s+[\d,]+\s+1\.00%", stdout)  # the 1 % of bayes_summary
     assert len(images(nb)) == 2  # the overlay and entropy map of two tiles

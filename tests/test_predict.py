@@ -293,3 +293,14 @@ def test_clear_errors(pbnn):
         predict(Post(pbnn, lambda z: z[:, 0]), x, samples=2)
     with pytest.raises(ValueError, match="no predictions"):
         predict(pbnn, [], progress=False)
+    loader = DataLoader(TensorDataset(x, torch.zeros(2, dtype=torch.long)), batch_size=1)
+    with pytest.raises(ValueError, match="batch_size applies to tensor input"):
+        predict(pbnn, loader, batch_size=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        predict(pbnn, x, batch_size=0)
+    with pytest.raises(TypeError, match="samples must be a positive integer"):
+        predict(pbnn, x, samples=2.5)
+    soft = predict(pbnn, x, samples=2)
+    sig = predict(pbnn, x, samples=2, activation="sigmoid")
+    with pytest.raises(ValueError, match="cannot concatenate predictions of activations"):
+        Prediction.cat([soft, sig])

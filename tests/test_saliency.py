@@ -238,6 +238,17 @@ def test_load_rejects_other_files(tmp_path):
         Saliency.load(tmp_path / "missing.pt")
 
 
+def test_bad_scope_and_a_newer_file_version(tmp_path):
+    sal = compute_saliency(nn.Sequential(nn.Linear(4, 3)), None, criterion="magnitude")
+    with pytest.raises(ValueError, match="scope must be 'global' or 'layer', got 'neuron'"):
+        sal.select(0.5, scope="neuron")
+    sal.save(tmp_path / "sal.pt")
+    payload = torch.load(tmp_path / "sal.pt", weights_only=True)
+    torch.save({**payload, "version": 2, "bnnconvert_version": "9.0"}, tmp_path / "sal.pt")
+    with pytest.raises(ValueError, match=r"written by a newer bnnconvert \(9\.0"):
+        Saliency.load(tmp_path / "sal.pt")
+
+
 def test_public_api_exports():
     assert bnnconvert.compute_saliency is compute_saliency
     assert bnnconvert.Saliency is Saliency

@@ -1,0 +1,101 @@
+"""The public API: every top-level name, and the old module paths kept for one release
+(deprecated aliases that give the same objects, with a DeprecationWarning)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+
+import bnnconvert
+
+TOP_LEVEL = [
+    "BayesSummary", "BetaSchedule", "ComparisonTable", "ELBOTerms", "FlopReport",
+    "Prediction", "Saliency", "bayes_summary", "compare_method_costs", "compare_methods",
+    "compute_saliency", "convert", "convert_checkpoint", "count_flops", "elbo_loss",
+    "kl_loss", "load", "load_checkpoint", "mean_weights", "predict", "predict_batches",
+    "save", "to_deterministic", "training_cost",
+]  # fmt: skip
+
+
+def test_top_level_names():
+    assert sorted(bnnconvert.__all__) == sorted(TOP_LEVEL)
+    for name in TOP_LEVEL:
+        assert getattr(bnnconvert, name) is not None
+    assert bnnconvert.__version__
+
+
+ALIASES = {  # old module: {old name: (new module, new name)}
+    "bnnconvert.hoist": {n: ("bnnconvert.sampling", n) for n in ("mc_outputs", "mc_samples",
+                                                                 "hoist_plan", "HoistPlan")},
+    "bnnconvert.train": {
+        "train": ("bnnconvert.training", "train"),
+        "evaluate_model": ("bnnconvert.training", "evaluate_model"),
+        "check_fit": ("bnnconvert.training", "check_fit"),
+        "seed_everything": ("bnnconvert.training", "seed_everything"),
+        "checkpoint_path_for": ("bnnconvert.training", "checkpoint_path_for"),
+        "StepInfo": ("bnnconvert.training", "StepInfo"),
+        "TrainResult": ("bnnconvert.training", "TrainResult"),
+        "task_loss": ("bnnconvert.losses", "task_loss"),
+        "data_task": ("bnnconvert.losses", "data_task"),
+        "data_class_weights": ("bnnconvert.losses", "data_class_weights"),
+        "TASKS": ("bnnconvert.losses", "TASKS"),
+    },
+    "bnnconvert.distributed": {n: ("bnnconvert.training.distributed", n)
+                               for n in ("launch", "init_from_env", "shard", "rank_seed")},
+    "bnnconvert.benchmark": {
+        "BenchmarkResult": ("bnnconvert.methods", "ComparisonReport"),
+        "SWEEP_R_BAYES": ("bnnconvert.methods.comparison", "SWEEP_R_BAYES"),
+        "sweep_method_names": ("bnnconvert.methods.comparison", "sweep_method_names"),
+    },
+    "bnnconvert.methods.compare": {
+        "entropy_auroc": ("bnnconvert.metrics", "entropy_auroc"),
+        "results_markdown": ("bnnconvert.methods", "results_markdown"),
+        "ood_auroc": ("bnnconvert.methods", "ood_auroc"),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("old", sorted(ALIASES))
+def test_deprecated_module_paths_still_import_the_same_objects(old, monkeypatch):
+    monkeypatch.delitem(sys.modules, old, raising=False)
+    with pytest.warns(DeprecationWarning, match=old.replace(".", r"\.") + " is deprecated"):
+        module = importlib.import_module(old)
+    for name, (new, new_name) in ALIASES[old].items():
+        assert getattr(module, name) is getattr(importlib.import_module(new), new_name), name
+
+
+def test_deprecated_function_names_warn_and_delegate(monkeypatch):
+    from bnnconvert import costs
+    from bnnconvert.methods import comparison
+
+    seen = []
+    monkeypatch.setattr(costs, "compare_method_costs", lambda *a, **k: seen.append(a) or "t")
+    monkeypatch.setattr(comparison, "evaluate_methods", lambda *a, **k: seen.append(a) or "r")
+    with pytest.warns(DeprecationWarning, match="compare_method_costs"):
+        assert bnnconvert.compare_methods("model", "x") == "t"
+    with pytest.warns(DeprecationWarning, match="evaluate_methods"):
+        assert comparison.compare_methods_on_data("model") == "r"
+    assert seen == [("model", "x"), ("model",)]
+
+
+def test_io_is_gone_and_its_names_live_on():
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("bnnconvert.io")
+    from bnnconvert.data import demo_dataset, open_data  # noqa: F401
+    from bnnconvert.pipeline import convert_checkpoint
+    from bnnconvert.serialization import (  # noqa: F401
+        ARCH_ATTR,
+        build_model,
+        describe,
+        load,
+        load_checkpoint,
+        parse_arch_kwargs,
+        resolve_arch,
+        save,
+    )
+
+    assert convert_checkpoint is bnnconvert.convert_checkpoint
+    assert (load, save, load_checkpoint) == (bnnconvert.load, bnnconvert.save,
+                                             bnnconvert.load_checkpoint)  # fmt: skip
