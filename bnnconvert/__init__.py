@@ -1,8 +1,9 @@
 """bnnconvert: turn a trained deterministic PyTorch model into a sparse Bayesian network.
 
 The method of "Sparse Bayesian Networks" (Abboud, Lombaert, Kadoury, MICCAI 2024):
-saliency pass -> select the top r_bayes entries -> convert -> ELBO training -> Monte Carlo
-prediction with uncertainty.
+saliency pass -> select the top r_bayes entries -> convert -> fit the posterior (Laplace,
+VI or the paper's ELBO) -> calibrate it on validation data -> Monte Carlo prediction with
+uncertainty.
 """
 
 from ._version import __version__ as __version__
@@ -11,6 +12,14 @@ from .costs import ComparisonTable, compare_method_costs, compare_methods
 from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
 from .flops import FlopReport, count_flops, training_cost
 from .pipeline import convert_checkpoint
+from .posterior import (
+    Calibration,
+    PosteriorReport,
+    RSweep,
+    calibrate_posterior,
+    fit_posterior,
+    select_r_bayes,
+)
 from .predict import Prediction, mean_weights, predict, predict_batches
 from .saliency import Saliency, compute_saliency
 from .serialization import load, load_checkpoint, save
@@ -18,12 +27,16 @@ from .serialization import load, load_checkpoint, save
 __all__ = [
     "BayesSummary",
     "BetaSchedule",
+    "Calibration",
     "ComparisonTable",
     "ELBOTerms",
     "FlopReport",
+    "PosteriorReport",
     "Prediction",
+    "RSweep",
     "Saliency",
     "bayes_summary",
+    "calibrate_posterior",
     "compare_method_costs",
     "compare_methods",
     "compute_saliency",
@@ -31,6 +44,7 @@ __all__ = [
     "convert_checkpoint",
     "count_flops",
     "elbo_loss",
+    "fit_posterior",
     "kl_loss",
     "load",
     "load_checkpoint",
@@ -38,6 +52,7 @@ __all__ = [
     "predict",
     "predict_batches",
     "save",
+    "select_r_bayes",
     "to_deterministic",
     "training_cost",
 ]

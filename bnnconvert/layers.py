@@ -12,9 +12,11 @@ device, requires_grad) survive untouched. For each parameter tensor ``name`` ("w
   parameter has fewer than 2**31 entries, else int64 (empty when every entry is selected,
   the dense case); checkpoints with int64 indices load into either;
 
-and one float64 buffer ``bayes_prior`` = (prior_mu, prior_sigma). Deterministic entries
-carry no noise. Each forward draws fresh noise, sigma * eps for the k entries, and uses
-w = mu + scatter(idx, sigma * eps):
+one float64 buffer ``bayes_prior`` = (prior_mu, prior_sigma), and one scalar buffer
+``bayes_scale`` = t that multiplies every sigma of the layer (1 after conversion; set by
+:func:`set_sigma_scale`, e.g. by :func:`bnnconvert.calibrate_posterior`; t = 0 samples the
+means). Deterministic entries carry no noise. Each forward draws fresh noise,
+sigma * eps for the k entries, and uses w = mu + scatter(idx, sigma * eps):
 
 - with gradients (training), w is a new tensor (a copy of mu plus the O(k) scatter), so
   gradients flow to mu and rho;
@@ -50,11 +52,15 @@ from torch.nn.modules.conv import _ConvNd
 __all__ = [
     "BayesianLayer",
     "bayesian_layers",
+    "bayesian_masks",
     "convertible_parameters",
     "is_convertible",
     "make_bayesian",
     "make_deterministic",
+    "mean_weights",
     "posterior_cache",
+    "set_sigma_scale",
+    "sigma_scale",
 ]
 
 CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
@@ -73,10 +79,12 @@ _Perturbed = tuple[Tensor, Tensor, Tensor]
 
 
 class _CachedSigma(NamedTuple):
-    """sigma = softplus(rho) (k,) of one tensor, valid while rho and the stamp match."""
+    """sigma = t * softplus(rho) (k,) of one tensor, valid while rho, the scale t and the
+    stamp match."""
 
     rho: Tensor
-    stamp: tuple  # (rho's version, grad mode, autocast state)
+    scale: Tensor
+    stamp: tuple  # (rho's version, t's version, grad mode, autocast state)
     sigma: Tensor
 
 
@@ -180,11 +188,17 @@ class BayesianLayer:
         return mask.view(mu.shape)
 
     def posterior_sigma(self, name: str) -> Tensor:
-        """Dense sigma of ``name`` (zero at deterministic entries), shape of the parameter."""
+        """Dense sigma of ``name`` (zero at deterministic entries), shape of the parameter:
+        t * softplus(rho), t the layer's scale (``bayes_scale``)."""
         mu = self._parameters[name]
         sigma = torch.zeros(mu.numel(), dtype=mu.dtype, device=mu.device)
-        sigma[self.bayes_index(name)] = F.softplus(self.bayes_rho(name)).detach().to(mu.dtype)
+        value = self._scaled(F.softplus(self.bayes_rho(name))).detach()
+        sigma[self.bayes_index(name)] = value.to(mu.dtype)
         return sigma.view(mu.shape)
+
+    def _scaled(self, sigma: Tensor) -> Tensor:
+        """``sigma`` times the layer's scale t (the buffer ``bayes_scale``)."""
+        return sigma * self._buffers["bayes_scale"].to(sigma.dtype)
 
     def sample_noise(self, name: str) -> Tensor:
         """sigma * eps for the selected entries of ``name``, shape (k,), in mu's dtype.
@@ -197,10 +211,12 @@ class BayesianLayer:
         return noise if noise.dtype == dtype else noise.to(dtype)
 
     def _sigma(self, name: str) -> Tensor:
-        """softplus(rho) of ``name``, shape (k,); computed once per :func:`posterior_cache`
-        block while rho is the same tensor, unchanged, and the grad/autocast mode is the
-        same (a graph-attached sigma is shared by the block's samples)."""
+        """t * softplus(rho) of ``name``, shape (k,); computed once per
+        :func:`posterior_cache` block while rho and the scale t are the same tensors,
+        unchanged, and the grad/autocast mode is the same (a graph-attached sigma is
+        shared by the block's samples)."""
         rho = self.bayes_rho(name)
+        scale = self._buffers["bayes_scale"]
         cache = self.__dict__.get("_bayes_cache")
         if (
             cache is None
@@ -208,13 +224,18 @@ class BayesianLayer:
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
         ):
-            return F.softplus(rho)
-        stamp = (rho._version, torch.is_grad_enabled(), _autocast_state(rho.device.type))
+            return self._scaled(F.softplus(rho))
+        stamp = (
+            rho._version,
+            scale._version,
+            torch.is_grad_enabled(),
+            _autocast_state(rho.device.type),
+        )
         hit = cache.get(("sigma", name))
-        if hit is not None and hit.rho is rho and hit.stamp == stamp:
+        if hit is not None and hit.rho is rho and hit.scale is scale and hit.stamp == stamp:
             return hit.sigma
-        sigma = F.softplus(rho)
-        cache[("sigma", name)] = _CachedSigma(rho, stamp, sigma)
+        sigma = self._scaled(F.softplus(rho))
+        cache[("sigma", name)] = _CachedSigma(rho, scale, stamp, sigma)
         return sigma
 
     def sample_parameter(self, name: str) -> Tensor:
@@ -298,9 +319,8 @@ class BayesianLayer:
             mu = self._parameters[name].reshape(-1)
             if not self.is_dense(name):
                 mu = mu.index_select(0, self._buffers[f"{name}_idx"])
-            kl = gaussian_kl(
-                mu.to(dtype), F.softplus(rho.to(dtype)), prior[0].to(dtype), prior[1].to(dtype)
-            )
+            sigma = self._scaled(F.softplus(rho.to(dtype)))
+            kl = gaussian_kl(mu.to(dtype), sigma, prior[0].to(dtype), prior[1].to(dtype))
             term = kl.mean() if reduction == "mean" else kl.sum()
             total = term if total is None else total + term
         return total
@@ -310,7 +330,9 @@ class BayesianLayer:
     ):
         """Adopt the selection stored in ``state_dict``: rho and idx are resized to the
         checkpoint's k before loading, so a model converted with other masks loads it.
-        Indices of another integer dtype (int64 checkpoints) are checked and converted."""
+        Indices of another integer dtype (int64 checkpoints) are checked and converted.
+        Checkpoints written before the sigma scale existed load with t = 1."""
+        state_dict.setdefault(prefix + "bayes_scale", torch.ones(()))
         for name in self.bayes_names:
             for key, store in ((f"{name}_rho", self._parameters), (f"{name}_idx", self._buffers)):
                 saved = state_dict.get(prefix + key)
@@ -515,8 +537,10 @@ def make_bayesian(
         rho = _initial_rho(mu_sel, rho_init, moped_delta)
         module.register_parameter(f"{name}_rho", nn.Parameter(rho))
         module.register_buffer(f"{name}_idx", idx)
+    device = module._parameters[names[0]].device
     prior = torch.tensor([prior_mu, prior_sigma], dtype=torch.float64)
-    module.register_buffer("bayes_prior", prior.to(module._parameters[names[0]].device))
+    module.register_buffer("bayes_prior", prior.to(device))
+    module.register_buffer("bayes_scale", torch.ones((), device=device))
     module.bayes_names = names
     module.bayes_sampling = True
     module._bayes_active = False
@@ -546,6 +570,7 @@ def make_deterministic(module: nn.Module) -> nn.Module:
             del module._parameters[f"{name}_rho"]
             del module._buffers[f"{name}_idx"]
         del module._buffers["bayes_prior"]
+        del module._buffers["bayes_scale"]
         for attr in ("bayes_names", "bayes_sampling", "_bayes_active", "_bayes_cache"):
             module.__dict__.pop(attr, None)
     if isinstance(module, (BayesianLayer, BayesianOwner)):
@@ -560,6 +585,54 @@ def attach_owners(model: nn.Module) -> None:
             continue
         if any(isinstance(m, BayesianLayer) for m in module.modules()):
             module.__class__ = _subclass(BayesianOwner, type(module))
+
+
+@contextmanager
+def mean_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every Bayesian layer uses its mean mu (no noise).
+
+    The converted model then reproduces the original model's outputs.
+    """
+    layers = [layer for _, layer in bayesian_layers(model)]
+    previous = [layer.bayes_sampling for layer in layers]
+    for layer in layers:
+        layer.bayes_sampling = False
+    try:
+        yield model
+    finally:
+        for layer, flag in zip(layers, previous):
+            layer.bayes_sampling = flag
+
+
+def set_sigma_scale(model: nn.Module, scale: float) -> None:
+    """Multiply every posterior sigma of ``model`` by ``scale`` >= 0 from now on: the value
+    replaces the previous scale of every Bayesian layer (0 samples the means, 1 the sigma
+    of rho). Saved and loaded with the model (the buffer ``bayes_scale``)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {scale!r}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    for _, layer in bayesian_layers(model):
+        layer._buffers["bayes_scale"].fill_(scale)
+
+
+def sigma_scale(model: nn.Module) -> float | None:
+    """The sigma scale t of ``model``'s Bayesian layers, or None if it has none (a
+    ValueError if the layers disagree, e.g. after a per-layer ablation)."""
+    values = {float(layer._buffers["bayes_scale"]) for _, layer in bayesian_layers(model)}
+    if len(values) > 1:
+        raise ValueError(f"the Bayesian layers have different sigma scales: {sorted(values)}")
+    return values.pop() if values else None
+
+
+def bayesian_masks(model: nn.Module) -> dict[str, Tensor]:
+    """{parameter name: bool mask (the parameter's shape) of its Bayesian entries} of a
+    converted model, for every tensor with a Bayesian entry."""
+    return {
+        f"{name}.{t}" if name else t: layer.bayes_mask(t)
+        for name, layer in bayesian_layers(model)
+        for t in layer.bayes_names
+    }
 
 
 def bayesian_layers(model: nn.Module) -> Iterator[tuple[str, BayesianLayer]]:

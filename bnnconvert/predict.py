@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
 import torch
@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check_positive_int, model_device, split_batch
-from .layers import bayesian_layers
+from ._utils import check_positive_int, eval_mode, model_device, split_batch
+from .convert import INFO_ATTR
+from .layers import mean_weights
 from .sampling import mc_outputs
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "predict_batches",
     "split_batch",
     "stream_predictions",
+    "temperature_of",
     "uncertainty_terms",
 ]
 
@@ -65,23 +67,6 @@ def amp_autocast(device: torch.device | str | None, amp: str | None) -> Abstract
         raise ValueError(f"amp must be one of {', '.join(AMP_DTYPES)} or 'none', got {amp!r}")
     device_type = torch.device(device).type if device is not None else "cpu"
     return torch.autocast(device_type, dtype=AMP_DTYPES[amp])
-
-
-@contextmanager
-def mean_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every Bayesian layer uses its mean mu (no noise).
-
-    The converted model then reproduces the original model's outputs.
-    """
-    layers = [layer for _, layer in bayesian_layers(model)]
-    previous = [layer.bayes_sampling for layer in layers]
-    for layer in layers:
-        layer.bayes_sampling = False
-    try:
-        yield model
-    finally:
-        for layer, flag in zip(layers, previous):
-            layer.bayes_sampling = flag
 
 
 # --------------------------------------------------------------------- entropies
@@ -290,18 +275,6 @@ class Prediction:
 
 
 # --------------------------------------------------------------------- predict
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode within the block; each module's own training flag restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 def tensor_batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
     """Batches of ``data``: a tensor (N, ...) split into ``batch_size`` rows (one batch if
     None), or an iterable of batches (a DataLoader) as it is (then batch_size must be None)."""
@@ -313,6 +286,14 @@ def tensor_batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
     if batch_size is not None:
         raise ValueError("batch_size applies to tensor input; a DataLoader sets its own")
     return data
+
+
+def temperature_of(model: nn.Module) -> float:
+    """The temperature T of a calibrated model's predictive (softmax/sigmoid of
+    outputs / T), stored in ``model.bnnconvert_info["temperature"]`` by
+    :func:`bnnconvert.calibrate_posterior`; 1 if none."""
+    info = getattr(model, INFO_ATTR, None)
+    return float(info.get("temperature", 1.0)) if isinstance(info, dict) else 1.0
 
 
 def _check_activation(activation: str) -> None:
@@ -342,10 +323,12 @@ def predict_batches(
     """
     check_positive_int(samples=samples)
     amp_autocast(None, amp)  # checks the name now, not at the first batch
+    temperature = temperature_of(model) if activation != "none" else 1.0
 
     def forward(x: Tensor) -> Tensor:
         with eval_mode(model), amp_autocast(x.device, amp):
-            return mc_outputs(model, x, samples)
+            outputs = mc_outputs(model, x, samples)
+        return outputs if temperature == 1.0 else outputs / temperature
 
     return stream_predictions(
         forward,
@@ -428,8 +411,11 @@ def predict(
     """Monte Carlo prediction of ``model`` on ``x`` with ``samples`` posterior samples.
 
     Runs under ``torch.no_grad()`` in eval mode (BatchNorm uses its running statistics;
-    Bayesian layers keep sampling), then restores every module's training flag. A
-    deterministic model gives S identical samples (mutual information 0). The result is
+    Bayesian layers keep sampling), then restores every module's training flag. A model
+    calibrated by :func:`bnnconvert.calibrate_posterior` predicts with its stored
+    temperature T (probabilities of outputs / T; ``activation="none"`` returns the raw
+    outputs). A deterministic model gives S identical samples (mutual information 0). The
+    result is
     reproducible under ``torch.manual_seed`` (note that iterating a DataLoader draws its
     base seed from the global RNG unless it was given its own ``generator``).
 

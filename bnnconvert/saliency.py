@@ -6,6 +6,11 @@ Criteria (a small hierarchy of scoring functions, one few-line function each):
   accumulated over the whole pass and squared once, as the reference code does.
 - ``"fisher"``: sum over batches of the squared per-batch gradient (empirical Fisher
   diagonal at batch level).
+- ``"variance"``: the posterior variance 1 / (H_ii + lambda) of a diagonal Laplace
+  approximation over every entry (Daxberger et al., 2021, "Bayesian deep learning via
+  subnetwork inference"): H the Monte Carlo GGN diagonal of the NLL summed over the data
+  (:func:`bnnconvert.curvature.diagonal_ggn`, BatchNorm in eval mode), lambda fitted by the
+  marginal likelihood. It ranks the entries the data constrain least first.
 - ``"magnitude"``: |w| (data-free ablation, laplace-torch's largest-magnitude subnetwork).
 - ``"random"``: uniform random scores from a seeded generator (data-free ablation).
 
@@ -15,6 +20,7 @@ and their subclasses); normalisation layers are not scored.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -28,14 +34,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._utils import atomic_torch_save, load_payload, split_batch
+from .curvature import diagonal_ggn, fit_prior_precision, laplace_sigma, likelihood_of_task
 from .layers import convertible_parameters
-from .losses import LossFn, default_loss
+from .losses import LossFn, data_task, default_loss
 
 __all__ = ["CRITERIA", "Saliency", "check_r_bayes", "compute_saliency"]
 
 log = logging.getLogger(__name__)
 
-DATA_CRITERIA = ("grad2", "fisher")
+DATA_CRITERIA = ("grad2", "fisher", "variance")
 FREE_CRITERIA = ("magnitude", "random")
 CRITERIA = DATA_CRITERIA + FREE_CRITERIA
 FORMAT = "bnnconvert.saliency"
@@ -215,10 +222,28 @@ def compute_saliency(
         return Saliency(scores, criterion, meta)
     if data is None:
         raise ValueError(f"criterion {criterion!r} needs data: an iterable of (input, target)")
+    if criterion == "variance":
+        return _variance_scores(model, data, num_batches, device)
     grads, meta = _gradient_pass(
         model, params, data, loss_fn or default_loss, criterion, num_batches, device
     )
     return Saliency(grads, criterion, meta)
+
+
+def _variance_scores(model: nn.Module, data: Iterable, num_batches: int | None, device) -> Saliency:
+    """Diagonal Laplace posterior variances of every entry (see the module docstring)."""
+    if num_batches is not None:
+        data = itertools.islice(data, num_batches)
+    curvature = diagonal_ggn(
+        model, data, likelihood=likelihood_of_task(data_task(data)), device=device
+    )
+    flat_h = torch.cat([h.reshape(-1) for h in curvature.diagonal.values()])
+    params = convertible_parameters(model)
+    flat_w = torch.cat([params[n].detach().reshape(-1) for n in curvature.diagonal])
+    lam = fit_prior_precision(flat_h, flat_w)
+    scores = {n: laplace_sigma(h, lam).square().cpu() for n, h in curvature.diagonal.items()}
+    meta = {"num_samples": curvature.num_data, "prior_precision": lam}
+    return Saliency(scores, "variance", meta)
 
 
 def _data_free_scores(params: Mapping[str, Tensor], criterion: str, seed: int | None) -> dict:

@@ -11,11 +11,12 @@ import pytest
 import bnnconvert
 
 TOP_LEVEL = [
-    "BayesSummary", "BetaSchedule", "ComparisonTable", "ELBOTerms", "FlopReport",
-    "Prediction", "Saliency", "bayes_summary", "compare_method_costs", "compare_methods",
-    "compute_saliency", "convert", "convert_checkpoint", "count_flops", "elbo_loss",
-    "kl_loss", "load", "load_checkpoint", "mean_weights", "predict", "predict_batches",
-    "save", "to_deterministic", "training_cost",
+    "BayesSummary", "BetaSchedule", "Calibration", "ComparisonTable", "ELBOTerms",
+    "FlopReport", "PosteriorReport", "Prediction", "RSweep", "Saliency", "bayes_summary",
+    "calibrate_posterior", "compare_method_costs", "compare_methods", "compute_saliency",
+    "convert", "convert_checkpoint", "count_flops", "elbo_loss", "fit_posterior", "kl_loss",
+    "load", "load_checkpoint", "mean_weights", "predict", "predict_batches", "save",
+    "select_r_bayes", "to_deterministic", "training_cost",
 ]  # fmt: skip
 
 

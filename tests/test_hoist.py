@@ -430,10 +430,11 @@ def test_parameter_counts_match_the_formula(resnet, r_bayes):
     assert count(model.parameters()) == count(resnet.parameters()) + k
     idx = sum(m._buffers[f"{n}_idx"].numel() for m in layers for n in m.bayes_names)
     assert idx == (0 if r_bayes == 1.0 else k)  # dense tensors store no index
-    assert count(model.buffers()) == count(resnet.buffers()) + idx + 2 * len(layers)
+    assert count(model.buffers()) == count(resnet.buffers()) + idx + 3 * len(layers)
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
-    # float32 rho, int32 indices, a float64 (prior_mu, prior_sigma) per layer
-    extra = 4 * k + 4 * idx + 16 * len(layers)
+    # float32 rho, int32 indices, a float64 (prior_mu, prior_sigma) and a float32 sigma
+    # scale per layer
+    extra = 4 * k + 4 * idx + 20 * len(layers)
     assert nbytes([*model.parameters(), *model.buffers()]) == (
         nbytes([*resnet.parameters(), *resnet.buffers()]) + extra
     )

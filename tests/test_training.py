@@ -19,10 +19,42 @@ from bnnconvert.training.loop import _optimizer
 
 
 def _groups(model: nn.Module) -> tuple[set[int], set[int]]:
-    opt = _optimizer(model, lr=0.1, momentum=0.0, weight_decay=1e-4)
+    opt = _optimizer(model, TrainSettings(lr=0.1, momentum=0.0, weight_decay=1e-4))
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     free = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     return decay, free
+
+
+def test_adam_and_the_learning_rate_of_rho():
+    net = convert(nn.Sequential(nn.Linear(4, 3)), "magnitude", 0.5)
+    opt = _optimizer(net, TrainSettings(lr=1e-4, optimizer="adam", rho_lr=0.05))
+    assert isinstance(opt, torch.optim.Adam)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    rho = {id(p) for n, p in net.named_parameters() if n.endswith("_rho")}
+    assert by_lr[0.05] == rho and by_lr[1e-4].isdisjoint(rho)
+    for p in net.parameters():  # frozen means: only the rho group remains
+        p.requires_grad_(False)
+    net[0].weight_rho.requires_grad_(True)
+    opt = _optimizer(net, TrainSettings(optimizer="adam", rho_lr=0.05))
+    assert [g["lr"] for g in opt.param_groups] == [0.05]
+    net[0].weight_rho.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        _optimizer(net, TrainSettings())
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainSettings(optimizer="lbfgs")
+    with pytest.raises(ValueError, match="rho_lr"):
+        TrainSettings(rho_lr=0.0)
+
+
+def test_eval_mode_training_keeps_batchnorm_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,))), 8)
+    stats = net[1].running_mean.clone()
+    train(net, data, 1, train_mode=False, progress=False)
+    assert torch.equal(net[1].running_mean, stats)
+    train(net, data, 1, progress=False)
+    assert not torch.equal(net[1].running_mean, stats)
 
 
 def test_rho_gets_no_weight_decay_ours_and_bayesian_torch():

@@ -10,7 +10,7 @@ from .._utils import check_output_path
 from ..convert import bayes_summary
 from ..convert import convert as convert_model
 from ..pipeline import convert_checkpoint
-from ..saliency import DATA_CRITERIA, FREE_CRITERIA, check_r_bayes, compute_saliency
+from ..saliency import CRITERIA, DATA_CRITERIA, FREE_CRITERIA, check_r_bayes, compute_saliency
 from .options import data_options, load_cli_model, model_options, output_option, saliency_data
 
 __all__ = ["convert", "saliency"]
@@ -24,13 +24,13 @@ Examples:
       --arch-kwargs num_classes=14 --data chestmnist.npz --as-rgb -o saliency.pt"""
 )
 @click.argument("model")
-@click.option("--data", help="Training data (required for grad2 and fisher).")
+@click.option("--data", help="Training data (required for grad2, fisher and variance).")
 @click.option("--split", default="train", show_default=True)
 @click.option(
     "--criterion",
     default="grad2",
     show_default=True,
-    type=click.Choice(["grad2", "fisher", "magnitude", "random"]),
+    type=click.Choice(list(CRITERIA)),
 )
 @click.option("--batches", type=int, help="Stop after N batches (default: all).")
 @click.option(

@@ -21,7 +21,7 @@ class SparseBayes(VariationalMethod):
         model, task, samples, name, beta, prior_mu, prior_sigma, rho_init, moped_delta:
             see :class:`~bnnconvert.methods.variational.VariationalMethod`.
         r_bayes: fraction of entries made Bayesian, in (0, 1] (0.01 = 1 %).
-        criterion: "grad2" (the paper), "fisher" (both need one saliency pass over the
+        criterion: "grad2" (the paper), "fisher", "variance" (these need one pass over the
             training data, counted in the training FLOPs), "magnitude" or "random"
             (data-free ablations; "random" is seeded with ``fit``'s seed).
         scope: "global" (the paper's global top-k) or "layer".

@@ -165,8 +165,9 @@ class _Objective(nn.Module):
         return terms.loss, terms.nll.detach(), terms.kl.detach()
 
 
-def _optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float):
-    """SGD; rho gets no weight decay (the KL term regularises it): ours ``{name}_rho`` and
+def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """SGD or Adam over the parameters that require grad; rho gets no weight decay (the KL
+    term regularises it) and the learning rate ``rho_lr``: ours ``{name}_rho`` and
     bayesian-torch's ``rho_weight``/``rho_kernel``/``rho_bias``."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -174,10 +175,14 @@ def _optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float
             leaf = name.rsplit(".", 1)[-1]
             is_rho = leaf.endswith("_rho") or leaf.startswith("rho_")
             (no_decay if is_rho else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}] if decay else []
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr": s.rho_lr or s.lr})
+    if not groups:
+        raise ValueError("no parameter requires grad: nothing to train")
+    if s.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=s.lr)
+    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, name: str, epochs: int):
@@ -260,7 +265,8 @@ def train(
         on_step: called with a :class:`StepInfo` after every optimiser step.
         **overrides: fields of ``settings`` to change for this run (``beta=``,
             ``samples=``, ``kl_reduction=``, ``lr=``, ``momentum=``, ``weight_decay=``,
-            ``lr_schedule=``, ``amp=``); a name that is not a field raises TypeError.
+            ``lr_schedule=``, ``amp=``, ``optimizer=``, ``rho_lr=``, ``train_mode=``); a
+            name that is not a field raises TypeError.
 
     Under an initialised torch.distributed process group of two or more processes, every
     rank calls :func:`train` with the same arguments; see
@@ -322,7 +328,7 @@ def _new_run(
     s = settings
     schedule = _beta(s.beta, epochs, num_batches) if bayesian else BetaSchedule.constant(0.0)
     samples = s.samples if bayesian else 1
-    optimizer = _optimizer(model, s.lr, s.momentum, s.weight_decay)
+    optimizer = _optimizer(model, s)
     fingerprint = {
         "mode": "elbo" if bayesian else "nll", "epochs": epochs, "lr": s.lr,
         "momentum": s.momentum, "weight_decay": s.weight_decay, "lr_schedule": s.lr_schedule,
@@ -330,6 +336,8 @@ def _new_run(
         "num_batches": num_batches, "seed": seed, "task": task,
         "world_size": distributed.world()[1], "amp": s.amp,
     }  # fmt: skip
+    changed = {"optimizer": "sgd", "rho_lr": None, "train_mode": True}  # older checkpoints
+    fingerprint.update({k: getattr(s, k) for k, v in changed.items() if getattr(s, k) != v})
     run = RunState(
         model,
         _Objective(model, loss_fn, samples, s.kl_reduction),
@@ -384,7 +392,7 @@ def _step(run: RunState, x: Tensor, y: Tensor, *, schedule: BetaSchedule, amp: s
 
 
 def _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_step) -> None:
-    run.objective.train()
+    run.objective.train(run.fingerprint.get("train_mode", True))
     device = model_device(run.model)
     total = len(data) if hasattr(data, "__len__") else None
     it = epoch_batches(run, data)

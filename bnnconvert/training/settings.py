@@ -19,10 +19,11 @@ from .._utils import check_positive_int
 from ..elbo import BetaSchedule
 from ..predict import amp_autocast
 
-__all__ = ["KL_REDUCTIONS", "LR_SCHEDULES", "TrainSettings"]
+__all__ = ["KL_REDUCTIONS", "LR_SCHEDULES", "OPTIMIZERS", "TrainSettings"]
 
 LR_SCHEDULES = ("constant", "cosine")
 KL_REDUCTIONS = ("mean", "sum")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,13 @@ class TrainSettings:
         lr, momentum, weight_decay: SGD (the paper: lr 0.01, no momentum, weight decay
             1e-5; rho gets no weight decay, the KL term regularises it).
         lr_schedule: "constant" (the paper) or "cosine" (annealed per epoch to 0).
+        optimizer: "sgd" (the paper) or "adam" (``momentum`` unused). SGD's step on rho is
+            scaled by sigma itself (d softplus(rho) / d rho ~ sigma for small sigma) and
+            barely moves a small sigma; Adam's is not.
+        rho_lr: the learning rate of rho (default: ``lr``).
+        train_mode: False keeps every module in eval mode while training (BatchNorm
+            running statistics frozen, no dropout): for a posterior fitted around a fixed
+            network (:func:`bnnconvert.fit_posterior`'s "vi").
         amp: "bf16" or "fp16": the forward passes under ``torch.autocast`` (sigma, the
             noise and the KL stay in float32; "fp16" scales the loss); None: float32.
 
@@ -52,6 +60,9 @@ class TrainSettings:
     weight_decay: float = 1e-5
     lr_schedule: str = "constant"
     amp: str | None = None
+    optimizer: str = "sgd"
+    rho_lr: float | None = None
+    train_mode: bool = True
 
     def __post_init__(self) -> None:
         check_positive_int(samples=self.samples)
@@ -67,6 +78,12 @@ class TrainSettings:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (self.momentum >= 0 and self.weight_decay >= 0):
             raise ValueError("momentum and weight_decay must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.rho_lr is not None and not (
+            isinstance(self.rho_lr, (int, float)) and math.isfinite(self.rho_lr) and self.rho_lr > 0
+        ):
+            raise ValueError(f"rho_lr must be a positive number or None, got {self.rho_lr!r}")
         amp_autocast(None, self.amp)  # raises for an unknown precision
         if self.amp == "none":
             object.__setattr__(self, "amp", None)

@@ -1,0 +1,609 @@
+"""The posterior of the Bayesian entries: fitted on training data, scaled on validation data.
+
+After :func:`bnnconvert.convert`, every selected entry has a sigma set by ``rho_init`` or
+MOPED: a guess. :func:`fit_posterior` replaces the guess with a posterior fitted to the
+training data, by one of:
+
+- ``"laplace"`` (post hoc, no gradient step): the diagonal Laplace approximation at the
+  trained weights, sigma_i^2 = 1 / (H_ii + lambda), with H the GGN diagonal of the NLL
+  summed over the training data (:func:`bnnconvert.curvature.diagonal_ggn`) and lambda,
+  the precision of the prior N(0, 1 / lambda), maximising the Laplace marginal likelihood
+  (:func:`bnnconvert.curvature.fit_prior_precision`) or given;
+- ``"vi"``: ELBO fine-tuning that learns sigma: the textbook KL (summed over the entries)
+  divided by the number of training examples and multiplied by a temperature, a prior
+  N(0, 1 / lambda) fitted to the scale of the selected weights, and Adam on rho (SGD's step
+  on rho is scaled by sigma itself and leaves a small sigma where it started). By default
+  the means stay the checkpoint's and every module stays in eval mode (BatchNorm
+  statistics frozen), so the model at its means is the checkpoint;
+- ``"paper"``: the paper's recipe as published (KL "mean" reduction, beta 0.01, SGD on
+  means and rho, train mode).
+
+Then, given validation data, :func:`calibrate_posterior` fits one scale t that multiplies
+every sigma (t = 0: the model at its means) and the temperature T of the predictive, by
+minimising the validation NLL of the Monte Carlo predictive. t is stored in every Bayesian
+layer (``bayes_scale``), T in ``model.bnnconvert_info["temperature"]`` (applied by
+:func:`bnnconvert.predict`); both are saved and loaded with the model.
+
+:func:`select_r_bayes` chooses r_bayes on validation data with the Laplace curvature
+computed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._utils import eval_mode, model_device, split_batch
+from .convert import INFO_ATTR, convert
+from .curvature import (
+    diagonal_ggn,
+    fit_prior_precision,
+    laplace_sigma,
+    likelihood_of_task,
+    log_marginal_likelihood,
+)
+from .layers import bayesian_layers, bayesian_masks, set_sigma_scale, softplus_inverse
+from .losses import data_task
+from .saliency import Saliency
+from .sampling import mc_outputs
+from .training import TrainSettings, train
+
+__all__ = [
+    "DEFAULT_R_GRID",
+    "DEFAULT_SCALES",
+    "METHODS",
+    "Calibration",
+    "PosteriorReport",
+    "RSweep",
+    "calibrate_posterior",
+    "fit_posterior",
+    "fit_temperature",
+    "predictive_nll",
+    "select_r_bayes",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("laplace", "vi", "paper")
+
+DEFAULT_SCALES = (0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""The sigma scales t tried by :func:`calibrate_posterior` (0: the means); the best
+positive one is then refined by a factor sqrt(2) on each side."""
+
+DEFAULT_R_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+"""The r_bayes tried by :func:`select_r_bayes` (0.1 % to 20 %)."""
+
+VI_SETTINGS = TrainSettings(
+    beta=1.0, samples=2, kl_reduction="sum", lr=1e-4, optimizer="adam", rho_lr=0.01
+)
+"""The training settings of ``method="vi"``; beta becomes kl_temperature / N_train."""
+
+PAPER_SETTINGS = TrainSettings()
+"""The paper's: beta 0.01, KL "mean", S = 5, SGD lr 0.01, weight decay 1e-5."""
+
+
+# ------------------------------------------------------------------ the report
+@dataclass
+class Calibration:
+    """What :func:`calibrate_posterior` chose, and the validation NLL at every scale.
+
+    Attributes:
+        scale: t, the multiplier of every sigma (0: the means).
+        temperature: T of the predictive (1 when not fitted).
+        nll: the validation NLL of the predictive at (t, T).
+        curve: [(t, T fitted at t, validation NLL)] for every t tried, by t.
+        samples: S posterior samples per prediction.
+        seconds: wall time.
+    """
+
+    scale: float
+    temperature: float
+    nll: float
+    curve: list[tuple[float, float, float]]
+    samples: int
+    seconds: float = math.nan
+
+    def __str__(self) -> str:
+        return (
+            f"scale t = {self.scale:.4g}, temperature T = {self.temperature:.4g}, validation "
+            f"NLL {self.nll:.4f} ({len(self.curve)} scales tried, S = {self.samples})"
+        )
+
+
+@dataclass
+class PosteriorReport:
+    """What :func:`fit_posterior` fitted.
+
+    Attributes:
+        method: "laplace", "vi" or "paper".
+        num_bayesian: k, the number of Bayesian entries.
+        prior_precision: lambda of the prior N(0, 1 / lambda) ("laplace", "vi").
+        log_marginal_likelihood: of the Laplace fit at lambda, without log p(D | theta).
+        epochs: training epochs ("vi", "paper"; 0 for "laplace").
+        sigma_quantiles: {"min", "q05", "median", "q95", "max"} of sigma = softplus(rho)
+            after the fit (t = 1, before the calibration's scale).
+        seconds: wall times: "curvature", "fit", "calibration".
+        calibration: the :class:`Calibration` when validation data were given.
+    """
+
+    method: str
+    num_bayesian: int
+    prior_precision: float | None = None
+    log_marginal_likelihood: float | None = None
+    epochs: int = 0
+    sigma_quantiles: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    calibration: Calibration | None = None
+
+    def __str__(self) -> str:
+        lines = [f"posterior: {self.method}, {self.num_bayesian:,} Bayesian entries"]
+        if self.prior_precision is not None:
+            lines.append(f"prior precision lambda: {self.prior_precision:.4g}")
+        if self.epochs:
+            lines.append(f"epochs: {self.epochs}")
+        if self.sigma_quantiles:
+            q = ", ".join(f"{k} {v:.3g}" for k, v in self.sigma_quantiles.items())
+            lines.append(f"sigma at t = 1: {q}")
+        if self.calibration is not None:
+            lines.append(f"calibrated on validation data: {self.calibration}")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ fit_posterior
+def fit_posterior(
+    model: nn.Module,
+    train_data: Iterable,
+    val_data: Iterable | None = None,
+    *,
+    method: str = "laplace",
+    task: str | None = None,
+    prior_precision: float | str = "marglik",
+    curvature: str = "mc",
+    mc_samples: int = 1,
+    epochs: int = 1,
+    kl_temperature: float = 1.0,
+    train_means: bool = False,
+    settings: TrainSettings | None = None,
+    samples: int = 10,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    temperature: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> PosteriorReport:
+    """Fit the posterior of a converted model's Bayesian entries, in place.
+
+    Args:
+        model: a model returned by :func:`bnnconvert.convert`.
+        train_data: (input, target) batches of the training data (a DataLoader).
+        val_data: validation batches; if given, :func:`calibrate_posterior` runs after the
+            fit. Never the test split.
+        method: "laplace", "vi" or "paper" (see the module docstring).
+        task: "multiclass", "multilabel" or "segmentation"; default ``data.dataset.task``,
+            else "multiclass".
+        prior_precision: "marglik" or a number lambda > 0. "laplace": the marginal
+            likelihood's lambda; "vi": "marglik" fits the prior to the weights' scale,
+            lambda = k / |theta|^2 (the evidence's optimum when the data constrain nothing).
+        curvature, mc_samples: the GGN estimator of
+            :func:`~bnnconvert.curvature.diagonal_ggn` ("mc" or "exact"), "laplace" only.
+        epochs: training epochs ("vi", "paper").
+        kl_temperature: "vi": the KL's weight relative to the textbook ELBO (beta =
+            kl_temperature / N_train); 1 is the Bayesian posterior.
+        train_means: "vi": also train the means (and BatchNorm statistics, in train mode).
+        settings: "vi" / "paper": training settings to start from (default
+            :data:`VI_SETTINGS` / :data:`PAPER_SETTINGS`).
+        samples, scales, temperature: of :func:`calibrate_posterior`.
+        seed: seeds the curvature's targets, training and calibration.
+        device, progress: where to run; tqdm bars.
+
+    Returns a :class:`PosteriorReport` (also printable).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    _check_prior_precision(prior_precision)
+    layers = list(bayesian_layers(model))
+    if not layers:
+        raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
+    task = task or data_task(train_data) or "multiclass"
+    k = sum(layer.bayes_rho(name).numel() for _, layer in layers for name in layer.bayes_names)
+    report = PosteriorReport(method, k)
+    set_sigma_scale(model, 1.0)
+    set_temperature(model, 1.0)
+    if method == "laplace":
+        _fit_laplace(model, train_data, report, task, prior_precision, curvature, mc_samples,
+                     seed, device, progress)  # fmt: skip
+    else:
+        start = time.perf_counter()
+        if method == "vi":
+            _fit_vi(model, train_data, report, task, prior_precision, epochs, kl_temperature,
+                    train_means, settings, seed, device, progress)  # fmt: skip
+        else:
+            train(model, train_data, epochs, settings or PAPER_SETTINGS, task=task, seed=seed,
+                  device=device, progress=progress)  # fmt: skip
+        report.epochs = epochs
+        report.seconds["fit"] = time.perf_counter() - start
+    report.sigma_quantiles = _sigma_quantiles(model)
+    if val_data is not None:
+        report.calibration = calibrate_posterior(
+            model, val_data, task=task, samples=samples, scales=scales,
+            temperature=temperature, seed=seed, device=device,
+        )  # fmt: skip
+        report.seconds["calibration"] = report.calibration.seconds
+    return report
+
+
+def _check_prior_precision(value: float | str) -> None:
+    if isinstance(value, str):
+        if value != "marglik":
+            raise ValueError(f"prior_precision must be 'marglik' or a number, got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"prior_precision must be 'marglik' or a number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"prior_precision must be positive, got {value!r}")
+
+
+def _per_entry(
+    model: nn.Module, tensors: Mapping[str, Tensor]
+) -> Iterator[tuple[Any, str, Tensor]]:
+    """(layer, tensor name, the Bayesian entries (k,) of ``tensors[full name]``)."""
+    for name, layer in bayesian_layers(model):
+        for t in layer.bayes_names:
+            full = f"{name}.{t}" if name else t
+            yield layer, t, tensors[full].reshape(-1)[layer.bayes_index(t)]
+
+
+def _bayesian_values(model: nn.Module, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+    """The Bayesian entries (k,) of ``tensors`` (default: the means), in layer order."""
+    if tensors is None:
+        tensors = {
+            f"{n}.{t}" if n else t: layer._parameters[t].detach()
+            for n, layer in bayesian_layers(model)
+            for t in layer.bayes_names
+        }
+    return torch.cat([values for _, _, values in _per_entry(model, tensors)])
+
+
+def _fit_laplace(model, data, report, task, prior_precision, method, mc_samples, seed, device,
+                 progress) -> None:  # fmt: skip
+    curv = diagonal_ggn(
+        model, data, likelihood=likelihood_of_task(task), masks=bayesian_masks(model),
+        method=method, mc_samples=mc_samples, seed=seed, device=device, progress=progress,
+    )  # fmt: skip
+    report.seconds["curvature"] = curv.seconds
+    start = time.perf_counter()
+    h, theta = _bayesian_values(model, curv.diagonal), _bayesian_values(model)
+    lam = fit_prior_precision(h, theta) if prior_precision == "marglik" else prior_precision
+    report.prior_precision = float(lam)
+    report.log_marginal_likelihood = log_marginal_likelihood(h, theta, lam)
+    _set_sigma(model, curv.diagonal, float(lam))
+    report.seconds["fit"] = time.perf_counter() - start
+
+
+def _set_sigma(model: nn.Module, curvature: Mapping[str, Tensor], lam: float) -> None:
+    """rho of every Bayesian entry such that softplus(rho) = 1 / sqrt(H + lambda)."""
+    for layer, t, h in _per_entry(model, curvature):
+        rho = layer.bayes_rho(t)
+        with torch.no_grad():
+            rho.copy_(softplus_inverse(laplace_sigma(h.double(), lam)).to(rho))
+
+
+def _fit_vi(model, data, report, task, prior_precision, epochs, kl_temperature, train_means,
+            settings, seed, device, progress) -> None:  # fmt: skip
+    if not (math.isfinite(kl_temperature) and kl_temperature > 0):
+        raise ValueError(f"kl_temperature must be a positive number, got {kl_temperature!r}")
+    theta = _bayesian_values(model)
+    if prior_precision == "marglik":
+        lam = theta.numel() / max(float(theta.double().square().sum()), 1e-12)
+    else:
+        lam = float(prior_precision)
+    report.prior_precision = lam
+    for _, layer in bayesian_layers(model):
+        layer._buffers["bayes_prior"].copy_(torch.tensor([0.0, lam**-0.5]))
+    base = settings or VI_SETTINGS
+    run = base.replace(beta=kl_temperature / _num_examples(data), kl_reduction="sum",
+                       train_mode=train_means)  # fmt: skip
+    with _only_rho_trains(model, not train_means):
+        train(model, data, epochs, run, task=task, seed=seed, device=device, progress=progress)
+
+
+@contextmanager
+def _only_rho_trains(model: nn.Module, active: bool) -> Iterator[None]:
+    """Within the block, only the rho parameters require grad (if ``active``)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    if active:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("_rho"))
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _num_examples(data: Iterable) -> int:
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    return sum(split_batch(batch)[0].shape[0] for batch in data)
+
+
+def _sigma_quantiles(model: nn.Module) -> dict[str, float]:
+    """Quantiles of softplus(rho) over every Bayesian entry (a subsample of 2^24 at most)."""
+    sigma = torch.cat(
+        [
+            F.softplus(layer.bayes_rho(t)).detach().float().cpu()
+            for _, layer in bayesian_layers(model)
+            for t in layer.bayes_names
+        ]
+    )
+    if sigma.numel() > 2**24:
+        pick = torch.randperm(sigma.numel(), generator=torch.Generator().manual_seed(0))
+        sigma = sigma[pick[: 2**24]]
+    levels = torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0])
+    return dict(zip(("min", "q05", "median", "q95", "max"), torch.quantile(sigma, levels).tolist()))
+
+
+# ------------------------------------------------------------------ calibration
+def predictive_nll(
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    activation: str = "softmax",
+    temperature: float | Tensor = 1.0,
+) -> Tensor:
+    """The NLL of the Monte Carlo predictive mean_s p(y | outputs_s / T), averaged over
+    items (and pixels or labels), in float64.
+
+    Args:
+        outputs: (S, N, C, *spatial) logits for "softmax" (class dimension 2), or
+            (S, N, L, *spatial) for "sigmoid" (a Bernoulli per entry).
+        targets: (N, *spatial) class indices (or (N, 1, *spatial)); (N, L, *spatial) 0/1.
+        temperature: T > 0, a float or a scalar tensor (differentiable).
+    """
+    s = outputs.shape[0]
+    z = outputs.double() / temperature
+    if activation == "softmax":
+        y = targets.long().to(outputs.device)
+        if y.dim() == outputs.dim() - 1:  # (N, 1, *spatial) class indices
+            y = y.squeeze(1)
+        index = y.unsqueeze(0).unsqueeze(2).expand(s, *y.shape[:1], 1, *y.shape[1:])
+        picked = z.log_softmax(2).gather(2, index).squeeze(2)
+    elif activation == "sigmoid":
+        y = targets.to(outputs.device, torch.float64)
+        picked = y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z)
+    else:
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    return -(torch.logsumexp(picked, 0) - math.log(s)).mean()
+
+
+def fit_temperature(
+    outputs: Tensor, targets: Tensor, *, activation: str = "softmax", max_iter: int = 100
+) -> float:
+    """The temperature T > 0 minimising :func:`predictive_nll` of S samples of outputs
+    (S, N, ...): S = 1 is classical temperature scaling (Guo et al., 2017). Optimised over
+    log T with LBFGS (strong-Wolfe line search) from T = 1."""
+    outputs = outputs.detach()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = predictive_nll(outputs, targets, activation=activation, temperature=log_t.exp())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp())
+
+
+def calibrate_posterior(
+    model: nn.Module,
+    val_data: Iterable,
+    *,
+    task: str | None = None,
+    samples: int = 10,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    temperature: bool = True,
+    refine: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> Calibration:
+    """Choose the sigma scale t, and the predictive's temperature T, on validation data.
+
+    For every t of ``scales`` the S posterior samples of each validation batch are drawn
+    with the same random numbers (common random numbers: the noise is t * sigma * eps with
+    the same eps), T is fitted by :func:`fit_temperature` (or stays 1), and the pair with
+    the lowest validation NLL wins; with ``refine``, t / sqrt(2) and t * sqrt(2) around the
+    best positive t are tried too. t = 0 is the model at its means (with T: temperature
+    scaling), so on the validation data the result is never worse than either. The
+    validation outputs are held in memory on the CPU (S x N x outputs). Cost: one pass of
+    S samples over the validation data per t.
+
+    The chosen t is written into every Bayesian layer (``bayes_scale``) and T into
+    ``model.bnnconvert_info["temperature"]``, which :func:`bnnconvert.predict` applies.
+
+    Args:
+        model: a converted model (its sigma fitted, e.g. by :func:`fit_posterior`).
+        val_data: (input, target) batches; never the test split.
+        task: "multiclass", "multilabel" or "segmentation" (default: the data's).
+        samples: S.
+        scales: the t to try (numbers >= 0).
+        temperature: fit T (else T = 1).
+        refine: refine the best positive t (see above).
+        seed: the random numbers shared by every t.
+        device: where to run (default: where the model is).
+
+    Returns a :class:`Calibration`.
+    """
+    scales = _check_scales(scales)
+    if not any(True for _ in bayesian_layers(model)):
+        raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
+    task = task or data_task(val_data) or "multiclass"
+    activation = "sigmoid" if task == "multilabel" else "softmax"
+    start = time.perf_counter()
+    curve: list[tuple[float, float, float]] = []
+
+    def evaluate(t: float) -> None:
+        set_sigma_scale(model, t)
+        outputs, targets = _validation_outputs(model, val_data, samples, seed, device)
+        temp = fit_temperature(outputs, targets, activation=activation) if temperature else 1.0
+        nll = float(predictive_nll(outputs, targets, activation=activation, temperature=temp))
+        curve.append((t, temp, nll))
+
+    for t in scales:
+        evaluate(t)
+    best = min(curve, key=lambda row: row[2])
+    if refine and best[0] > 0:
+        for t in (best[0] / math.sqrt(2), best[0] * math.sqrt(2)):
+            evaluate(t)
+        best = min(curve, key=lambda row: row[2])
+    set_sigma_scale(model, best[0])
+    set_temperature(model, best[1])
+    curve.sort()
+    return Calibration(best[0], best[1], best[2], curve, samples, time.perf_counter() - start)
+
+
+def _check_scales(scales: Sequence[float]) -> list[float]:
+    values = list(scales)
+    if not values:
+        raise ValueError("scales is empty; pass numbers >= 0, e.g. (0, 0.5, 1, 2)")
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"scales must be numbers, got {t!r}")
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"scales must be finite numbers >= 0, got {t!r}")
+    return [float(t) for t in values]
+
+
+def _validation_outputs(
+    model: nn.Module, data: Iterable, samples: int, seed: int, device
+) -> tuple[Tensor, Tensor]:
+    """(S, N, ...) float32 CPU outputs and (N, ...) targets, under a forked RNG seeded
+    with ``seed`` (the caller's random state is left as it was)."""
+    where = torch.device(device) if device is not None else model_device(model)
+    outs, targets = [], []
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with eval_mode(model), torch.no_grad():
+            for batch in data:
+                x, y = split_batch(batch)
+                if y is None:
+                    raise ValueError("val_data must yield (input, target) batches")
+                outs.append(mc_outputs(model, x.to(where), samples).float().cpu())
+                targets.append(y.cpu())
+    if not outs:
+        raise ValueError("val_data yielded no batch")
+    return torch.cat(outs, 1), torch.cat(targets)
+
+
+def set_temperature(model: nn.Module, value: float) -> None:
+    """Store the predictive's temperature T in a converted model's info."""
+    info = getattr(model, INFO_ATTR, None)
+    if not isinstance(info, dict):
+        raise ValueError("the model was not converted by bnnconvert.convert(); no info to store T")
+    info["temperature"] = float(value)
+
+
+# ------------------------------------------------------------------ r_bayes on validation
+@dataclass
+class RSweep:
+    """What :func:`select_r_bayes` measured.
+
+    Attributes:
+        r_bayes: the chosen fraction.
+        rows: one dict per r tried: "r_bayes", "k", "prior_precision", "scale",
+            "temperature", "val_nll".
+        tolerance: the relative tolerance of the rule.
+        seconds: wall time, the curvature pass included.
+    """
+
+    r_bayes: float
+    rows: list[dict[str, float]]
+    tolerance: float
+    seconds: float = math.nan
+
+    def __str__(self) -> str:
+        lines = ["r_bayes      k  lambda    t      T      val NLL"]
+        for row in self.rows:
+            mark = "  <- chosen" if row["r_bayes"] == self.r_bayes else ""
+            lines.append(
+                f"{row['r_bayes']:<7.4g} {int(row['k']):>7,} {row['prior_precision']:<8.3g} "
+                f"{row['scale']:<6.3g} {row['temperature']:<6.3g} {row['val_nll']:.4f}{mark}"
+            )
+        return "\n".join(lines)
+
+
+def select_r_bayes(
+    model: nn.Module,
+    saliency: Saliency,
+    train_data: Iterable,
+    val_data: Iterable,
+    *,
+    grid: Sequence[float] = DEFAULT_R_GRID,
+    tolerance: float = 0.01,
+    task: str | None = None,
+    samples: int = 10,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> RSweep:
+    """Choose r_bayes on validation data: the smallest r whose calibrated Laplace posterior
+    has a validation NLL within ``tolerance`` (relative) of the best r of ``grid``.
+
+    The GGN diagonal of every scored entry is computed once; each r then costs a
+    conversion (no copy of the curvature) and one :func:`calibrate_posterior`.
+
+    Args:
+        model: the trained deterministic model (left unchanged).
+        saliency: its :class:`~bnnconvert.Saliency` (the ranking to cut at each r).
+        train_data, val_data: training and validation batches.
+        grid: the fractions to try, in (0, 1].
+        tolerance: e.g. 0.01: within 1 % of the best validation NLL.
+        task, samples, seed, device, progress: as for :func:`fit_posterior`.
+
+    Returns an :class:`RSweep` (printable).
+    """
+    if not grid:
+        raise ValueError("grid is empty; pass fractions in (0, 1], e.g. (0.01, 0.05)")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    start = time.perf_counter()
+    task = task or data_task(train_data) or "multiclass"
+    largest = saliency.select(max(grid))
+    curv = diagonal_ggn(
+        model, train_data, likelihood=likelihood_of_task(task), masks=largest, seed=seed,
+        device=device, progress=progress,
+    )  # fmt: skip
+    rows = []
+    for r in sorted(grid):
+        pbnn = convert(model, saliency, r)
+        h, theta = _bayesian_values(pbnn, curv.diagonal), _bayesian_values(pbnn)
+        lam = fit_prior_precision(h, theta)
+        _set_sigma(pbnn, curv.diagonal, lam)
+        cal = calibrate_posterior(pbnn, val_data, task=task, samples=samples, seed=seed,
+                                  device=device)  # fmt: skip
+        rows.append(
+            {
+                "r_bayes": r,
+                "k": float(h.numel()),
+                "prior_precision": lam,
+                "scale": cal.scale,
+                "temperature": cal.temperature,
+                "val_nll": cal.nll,
+            }
+        )
+        log.info("r_bayes %g: validation NLL %.4f (t = %g)", r, cal.nll, cal.scale)
+    best = min(row["val_nll"] for row in rows)
+    chosen = next(row["r_bayes"] for row in rows if row["val_nll"] <= best * (1 + tolerance))
+    return RSweep(chosen, rows, tolerance, time.perf_counter() - start)
