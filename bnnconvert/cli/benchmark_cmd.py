@@ -41,6 +41,8 @@ Examples:
   bnnconvert benchmark --data demo:digits --ood demo:ood --epochs 2 --out bench/
   bnnconvert benchmark det.pt --data chestmnist.npz --pretrain-epochs 50 \\
       --methods deterministic,ensemble5,partial1,partial5,partial20,bayesian --out bench/
+  bnnconvert benchmark det.pt --data demo:digits --methods deterministic,temperature,laplace-ll \\
+      --val-split val --pretrain-epochs 5 --no-sweep --out bench/
   bnnconvert benchmark --arch bnnconvert.models:UNet --arch-kwargs base=8 \\
       --data demo:nuclei --batch-size 10 --no-sweep --out bench/
 
@@ -55,7 +57,8 @@ or UNet (segmentation) sized from the data is trained as step 1.""",
     "--methods",
     default=DEFAULT_METHODS,
     show_default=True,
-    help="Comma-separated method names (see bnnconvert.methods.get_method).",
+    help="Comma-separated method names (see bnnconvert.methods.get_method); laplace_ll "
+    "and laplace_ll_diag need pip install 'bnnconvert[compare]'.",
 )
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(0))
 @click.option(

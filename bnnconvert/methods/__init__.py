@@ -29,6 +29,7 @@ from .comparison import (
 from .deterministic import Deterministic, fit_temperature
 from .ensemble import Ensemble, reset_parameters
 from .full_bayes import FullBayes, bayesian_torch_convert
+from .laplace_last_layer import LaplaceLastLayer
 from .last_layers import LastLayers
 from .layer_ensemble import LayerEnsemble, LayerEnsembleNet, default_stages
 from .mc_dropout import MCDropout, MonteCarloDropout, insert_dropout
@@ -45,6 +46,7 @@ __all__ = [
     "Ensemble",
     "FitRun",
     "FullBayes",
+    "LaplaceLastLayer",
     "LastLayers",
     "LayerEnsemble",
     "LayerEnsembleNet",

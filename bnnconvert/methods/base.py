@@ -11,7 +11,8 @@ modified) and follows one protocol:
 ``fit`` always starts again from the model given at construction, so calling it twice
 does not train twice as long. ``fit`` is one template (:meth:`Method.fit`): a method
 implements the hook :meth:`Method.train_model` (and, if it must refuse a fit before
-anything trains, :meth:`Method.validate_fit`), never the signature. The training itself
+anything trains, :meth:`Method.validate_fit`, or :meth:`Method.check_available` for a task
+it does not handle or a missing optional package), never the signature. The training itself
 is :func:`bnnconvert.training.train` (plain NLL for deterministic models, the ELBO for
 converted ones) with one :class:`~bnnconvert.training.TrainSettings`, and prediction is
 :func:`bnnconvert.predict.stream_predictions` over the Monte Carlo forwards of
@@ -116,6 +117,7 @@ class Method(ABC):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         check_task(task)
         check_positive_int(samples=samples)
+        self.check_available(task)
         self.initial = copy.deepcopy(model)
         self.model = copy.deepcopy(model)
         self.task = task
@@ -157,18 +159,27 @@ class Method(ABC):
                 (``class_weights``, ``device``, ``progress`` (default False), ...).
 
         Returns ``self``. The template every method shares: it checks the arguments, asks
-        :meth:`validate_fit` whether the method can fit, resets the step counts and
-        calls :meth:`train_model`.
+        :meth:`check_available` (with the task) and :meth:`validate_fit` whether the
+        method can fit, resets the step counts and calls :meth:`train_model`.
         """
         run = self._fit_run(train_data, epochs, seed, val_data, settings, train_kwargs)
+        task = self.task or data_task(train_data) or "multiclass"
+        self.check_available(task)
         self.validate_fit(run)
         if seed is not None:
             reseed_data(train_data, seed)
-        self.task = self.task or data_task(train_data) or "multiclass"
+        self.task = task
         self.train_steps = 0
         self.saliency_batches = 0
         self.train_model(run)
         return self
+
+    @classmethod  # noqa: B027 (a hook, empty by default)
+    def check_available(cls, task: str | None = None) -> None:
+        """Hook: raise if the method cannot run here, before anything is built or trained:
+        ValueError for a ``task`` it does not handle (None: not known yet), ImportError
+        for a missing optional package. Called by the constructor, :meth:`fit` and
+        :func:`~bnnconvert.methods.registry.check_method_names`. Default: nothing."""
 
     def validate_fit(self, run: FitRun) -> None:  # noqa: B027 (a hook, empty by default)
         """Hook: raise (ValueError) before anything trains if the method cannot fit ``run``

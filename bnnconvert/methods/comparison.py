@@ -11,7 +11,9 @@ The protocol of the paper (Table 1 of the preprint):
    fine-tuned with the ELBO (the grad2/fisher ones after one saliency pass over the
    training data), MC dropout fine-tunes with dropout inserted, the checkpoint
    ensembles and SWA run their learning-rate schedule over the ``epochs`` epochs
-   (T = epochs), layer ensembles train network and heads jointly.
+   (T = epochs), layer ensembles train network and heads jointly, last-layer Laplace
+   (laplace_ll, laplace_ll_diag) trains on like the deterministic baseline and then fits
+   its posterior with one pass over the training data.
 3. The exception is the deep ensemble: each of its M members is re-initialised and
    trained from scratch for ``pretrain_epochs + epochs`` epochs, the whole budget of the
    deterministic pipeline (M times that in all).
@@ -66,6 +68,7 @@ from ..training import TrainSettings, seed_everything, train
 from .base import Method, reseed_data
 from .ensemble import Ensemble
 from .full_bayes import FullBayes
+from .laplace_last_layer import LaplaceLastLayer
 from .registry import check_method_names, get_method
 
 if TYPE_CHECKING:
@@ -154,7 +157,7 @@ def evaluate_methods(
     "note" (e.g. which converter a full-Bayes row used). Render it with
     :func:`results_markdown`.
     """
-    names = check_method_names(methods)  # every name, before anything trains
+    names = check_method_names(methods, task)  # every name, before anything trains
     pretrain_epochs = epochs if pretrain_epochs is None else pretrain_epochs
     train_kwargs = dict(train_kwargs or {})
     trained = _step_one(model, train_data, task, pretrain_epochs, seed, settings, train_kwargs)
@@ -231,6 +234,12 @@ def _note(method: Method, ensemble: bool) -> str:
         return f"{method.members} members from scratch"
     if isinstance(method, FullBayes):
         return f"converted by {method.backend_used}"
+    if isinstance(method, LaplaceLastLayer):
+        return (
+            f"{method.hessian_structure} Hessian, {method.pred_type}/{method.link_approx} "
+            f"predictive, prior precision {method.prior_precision:.3g} (marglik), "
+            f"{method.laplace_seconds:.1f} s post hoc"
+        )
     return ""
 
 
@@ -388,7 +397,7 @@ def run_comparison(
 
     Returns a :class:`ComparisonReport`.
     """
-    names = check_method_names(methods)
+    names = check_method_names(methods, task)
     swept = sweep_method_names(sweep or ())
     todo = list(dict.fromkeys([*names, *swept]))  # each method once, in order
     start = time.perf_counter()

@@ -14,6 +14,7 @@ from .checkpoint_ensemble import SWA, CheckpointEnsemble
 from .deterministic import Deterministic
 from .ensemble import Ensemble
 from .full_bayes import FullBayes
+from .laplace_last_layer import LaplaceLastLayer
 from .last_layers import LastLayers
 from .layer_ensemble import LayerEnsemble
 from .mc_dropout import MonteCarloDropout
@@ -32,6 +33,8 @@ _FIXED: dict[str, tuple[type[Method], dict[str, Any]]] = {
     "checkpoint_ensemble_multi": (CheckpointEnsemble, {"cycles": 3}),
     "swa": (SWA, {}),
     "layer_ensemble": (LayerEnsemble, {}),
+    "laplace_ll": (LaplaceLastLayer, {}),
+    "laplace_ll_diag": (LaplaceLastLayer, {"hessian_structure": "diag"}),
 }
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -52,7 +55,8 @@ METHOD_NAMES = (
     "magnitudeP, randomP, fisherP, grad2P (ablations, e.g. magnitude1, random1)",
     "last_layersN (the last N layers Bayesian)",
 )
-"""The names :func:`get_method` understands (patterns described in words)."""
+"""The names :func:`get_method` understands (patterns described in words); a hyphen
+may stand for an underscore ("laplace-ll")."""
 
 
 def get_method(name: str, model: nn.Module, **kwargs: Any) -> Method:
@@ -64,28 +68,34 @@ def get_method(name: str, model: nn.Module, **kwargs: Any) -> Method:
     method, grad2 at r = 1/5/20 %), "magnitude1", "random1", "fisher1" (ablations at r in
     %), "bayesian" (ours at r = 100 %), "bayesian_torch" (dnn_to_bnn with MOPED),
     "last_layer" / "last_layers3" (Zeng et al.), "mc_dropout", "checkpoint_ensemble"
-    (one cycle), "checkpoint_ensemble_multi" (3 cycles), "swa", "layer_ensemble".
+    (one cycle), "checkpoint_ensemble_multi" (3 cycles), "swa", "layer_ensemble",
+    "laplace_ll" / "laplace_ll_diag" (last-layer Laplace of laplace-torch, Kronecker-factored
+    or diagonal Hessian; needs ``pip install "bnnconvert[compare]"``). Names are
+    case-insensitive and a hyphen may stand for an underscore ("laplace-ll").
     """
     cls, defaults = _lookup(name)
     return cls(model, **{**defaults, "name": name, **kwargs})
 
 
-def check_method_names(names: str | Sequence[str]) -> list[str]:
+def check_method_names(names: str | Sequence[str], task: str | None = None) -> list[str]:
     """The method names of a list or a comma-separated string ("deterministic,partial1"),
     stripped; ValueError naming the first unknown one (and the known names) or an empty
-    list, before anything is built or trained."""
+    list, before anything is built or trained. Each method's
+    :meth:`~bnnconvert.methods.Method.check_available` runs too: ValueError for a method
+    that cannot handle ``task`` (None: not checked), ImportError for a missing optional
+    package."""
     items = names.split(",") if isinstance(names, str) else list(names)
     items = [str(n).strip() for n in items]
     if not items or not all(items):
         raise ValueError(f"empty method name in {names!r}; known: {', '.join(METHOD_NAMES)}")
-    for name in items:
-        _lookup(name)
+    for cls in dict.fromkeys([_lookup(name)[0] for name in items]):  # names first, then tasks
+        cls.check_available(task)
     return items
 
 
 def _lookup(name: str) -> tuple[type[Method], dict[str, Any]]:
     """The class and default keyword arguments of the method called ``name``."""
-    key = name.strip().lower()
+    key = name.strip().lower().replace("-", "_")
     if key in _FIXED:
         return _FIXED[key]
     for pattern, build in _PATTERNS:
