@@ -1,8 +1,10 @@
-"""Smoke test of benchmarks/bench_core.py: a --quick run on tiny sizes writes its outputs."""
+"""Smoke tests of the benchmark scripts: a --quick run on tiny sizes writes its outputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+POSTERIOR = SCRIPT.with_name("bench_posterior.py")
 
 
 @pytest.mark.integration
@@ -48,3 +51,80 @@ def test_quick_run_writes_json_and_markdown(tmp_path):
 
     text = out_md.read_text()
     assert "| variant |" in text and "## Targets" in text and "bayesian-torch" in text
+
+
+def _positive(value) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+@pytest.mark.integration
+def test_posterior_quick_run_measures_every_section(tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "benchmarks.md"
+    out_md.write_text(
+        "# Benchmarks\n\n## Setup\n\nkept\n\n## Posterior fitting\n\nstale\n\n## Later\n"
+    )
+    cmd = [sys.executable, str(POSTERIOR), "--quick", "--threads", "1"]
+    cmd += ["--json", str(out_json), "--markdown", str(out_md)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+
+    report = json.loads(out_json.read_text())
+    assert set(report) == {"meta", "laplace", "calibration", "engines", "targets"}
+    meta = report["meta"]
+    assert meta["torch"] and meta["cpu"] and meta["torch threads"] == 1
+    lap = report["laplace"]
+    assert lap["k"] == round(0.01 * lap["entries"])  # r_bayes = 1 %, exactly k entries
+    assert _positive(lap["prior_precision"])
+    for key in ("epoch_s", "laplace_s", "curvature_s", "laplace_ratio", "curvature_ratio"):
+        assert _positive(lap[key]), key
+    cal = report["calibration"]
+    assert cal["scales_tried"] in (9, 11)  # the default scales, refined or not
+    assert _positive(cal["per_scale_s"]) and _positive(cal["per_scale_ratio"])
+
+    engines = report["engines"]["engines"]
+    assert set(engines) == {"plain", "tap", "func", "backpack"}
+    assert engines["plain"]["time_ratio"] == 1.0 and engines["plain"]["peak_ratio"] == 1.0
+    for name in ("tap", "func"):  # installed with torch: must run, time and memory
+        row = engines[name]
+        assert "error" not in row and "memory_error" not in row, row
+        assert _positive(row["time_ratio"]) and _positive(row["peak_bytes"]), name
+    # (a) and (b) compute the same per-example squares at the same sampled labels
+    assert engines["func"]["max_rel_diff_to_a"] < 1e-4
+    # torch.func holds every per-example gradient (B x entries float32) at once
+    batch = report["engines"]["batch"]
+    assert engines["func"]["peak_bytes"] > 0.9 * 4 * batch * lap["entries"]
+    backpack = engines["backpack"]  # optional: measured, or its failure reported
+    assert "error" in backpack or _positive(backpack["time_ratio"])
+    assert {t["target"] for t in report["targets"]} >= {
+        "Laplace fit (r = 1 %) / one training epoch",
+        "calibration per tried t / one validation pass of S samples",
+    }
+
+    text = out_md.read_text()
+    assert text.startswith("# Benchmarks\n\n## Setup\n\nkept\n") and text.endswith("## Later\n")
+    assert text.count("## Posterior fitting") == 1 and "stale" not in text
+    rows = ["Laplace fit (r = 1 %) / one training epoch", "plain forward + backward"]
+    rows += ["(a) curvature.diagonal_ggn", "(b) torch.func vmap(grad)", "(c) BackPACK DiagGGNMC"]
+    for row in rows:
+        assert f"| {row} |" in text, row
+
+
+def _load_posterior_script():
+    spec = importlib.util.spec_from_file_location("bench_posterior", POSTERIOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_posterior_markdown_section_is_appended_then_replaced(tmp_path):
+    bench = _load_posterior_script()
+    path = tmp_path / "missing.md"
+    bench.write_section(path, "## Posterior fitting\n\nfirst\n")
+    assert path.read_text() == "## Posterior fitting\n\nfirst\n"
+
+    path.write_text("# Benchmarks\n\n## Run F2\n\n#### resnet18\n\n| a |\n")
+    bench.write_section(path, "## Posterior fitting\n\nfirst\n")
+    bench.write_section(path, "## Posterior fitting\n\n### engines\n\nsecond\n")
+    assert path.read_text() == (
+        "# Benchmarks\n\n## Run F2\n\n#### resnet18\n\n| a |\n\n"
+        "## Posterior fitting\n\n### engines\n\nsecond\n"
+    )
