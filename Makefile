@@ -27,8 +27,9 @@ format: $(STAMP)
 docs: $(STAMP)  ## build the documentation site (strict) into site/
 	$(PY) -m mkdocs build --strict
 
-bench: $(STAMP)  ## speed and memory ratios, written to docs/benchmarks.md
+bench: $(STAMP)  ## speed and memory ratios, written to docs/benchmarks.md (core, then the posterior's section)
 	$(PY) benchmarks/bench_core.py --markdown docs/benchmarks.md --json benchmarks/results.json
+	$(PY) benchmarks/bench_posterior.py --markdown docs/benchmarks.md --json benchmarks/posterior_results.json
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -497,11 +497,11 @@ def convert_memory(width: int, depth: int, inplace: bool) -> dict:
     model = nn.Sequential(*(nn.Linear(width, width) for _ in range(depth)))
     masks = {n: torch.rand(p.shape) < 0.01 for n, p in convertible_parameters(model).items()}
     weights = state_bytes(model)
-    before = _reset_peak()
+    before = reset_peak()
     t0 = time.perf_counter()
     bnnconvert.convert(model, masks, None, inplace=inplace)
     seconds = time.perf_counter() - t0
-    extra = _status_kib("VmHWM") * 1024 - before
+    extra = status_kib("VmHWM") * 1024 - before
     return {
         "params": _count(model.parameters()),
         "weight_bytes": weights,
@@ -512,14 +512,14 @@ def convert_memory(width: int, depth: int, inplace: bool) -> dict:
     }
 
 
-def _reset_peak() -> int:
+def reset_peak() -> int:
     """Reset the high-water mark of resident memory; return the current RSS in bytes."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return _status_kib("VmRSS") * 1024
+    return status_kib("VmRSS") * 1024
 
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):

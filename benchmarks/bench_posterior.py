@@ -285,9 +285,9 @@ def engine_peak_memory(name: str, batch: int) -> dict:
     call = make_engine(name, model, x, y)
     gc.collect()
     _malloc_trim()
-    before = bench_core._reset_peak()
+    before = bench_core.reset_peak()
     call()
-    return {"peak_bytes": bench_core._status_kib("VmHWM") * 1024 - before}
+    return {"peak_bytes": bench_core.status_kib("VmHWM") * 1024 - before}
 
 
 def _malloc_trim() -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "evaluate",
     "expected_calibration_error",
     "expected_entropy",
+    "fpr_at_tpr",
     "iou",
     "mutual_information",
     "nll",
@@ -680,6 +681,25 @@ def entropy_auroc(in_distribution: Prediction, ood: Prediction) -> float:
     scores = torch.cat([_image_entropy(in_distribution), _image_entropy(ood)])
     labels = torch.cat([torch.zeros(len(in_distribution)), torch.ones(len(ood))]).long()
     return float(auc(scores[:, None], labels[:, None], task="multilabel"))
+
+
+def fpr_at_tpr(in_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95) -> float:
+    """False-positive rate at a true-positive rate: the fraction of in-distribution items
+    (negatives) flagged when the threshold on the uncertainty score flags at least ``tpr``
+    of the OOD items (positives); lower is better ("FPR95" at 0.95).
+
+    Args:
+        in_scores: (N,) scores of the in-distribution items, higher = more uncertain.
+        ood_scores: (M,) scores of the OOD items.
+        tpr: the true-positive rate in (0, 1].
+    """
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr!r}")
+    if in_scores.numel() == 0 or ood_scores.numel() == 0:
+        raise ValueError("fpr_at_tpr needs at least one in-distribution and one OOD score")
+    ood = ood_scores.double().flatten().sort(descending=True).values
+    threshold = ood[math.ceil(tpr * ood.numel()) - 1]  # flag score >= threshold
+    return float((in_scores.double().flatten() >= threshold).double().mean())
 
 
 def _image_entropy(prediction: Prediction) -> Tensor:

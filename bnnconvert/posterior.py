@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS = ("laplace", "vi", "paper")
+
+MAX_TEMPERATURE = 100.0
+""":func:`fit_temperature` keeps T within [1 / MAX_TEMPERATURE, MAX_TEMPERATURE]."""
 
 DEFAULT_SCALES = (0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 """The sigma scales t tried by :func:`calibrate_posterior` (0: the means); the best
@@ -392,19 +396,31 @@ def fit_temperature(
 ) -> float:
     """The temperature T > 0 minimising :func:`predictive_nll` of S samples of outputs
     (S, N, ...): S = 1 is classical temperature scaling (Guo et al., 2017). Optimised over
-    log T with LBFGS (strong-Wolfe line search) from T = 1."""
+    log T with LBFGS (strong-Wolfe line search) from T = 1, within
+    [1 / MAX_TEMPERATURE, MAX_TEMPERATURE]: a model whose predictions are no better than
+    chance drives T to infinity; T then stops at the bound with a warning."""
     outputs = outputs.detach()
+    bound = math.log(MAX_TEMPERATURE)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = predictive_nll(outputs, targets, activation=activation, temperature=log_t.exp())
+        t = log_t.clamp(-bound, bound).exp()
+        loss = predictive_nll(outputs, targets, activation=activation, temperature=t)
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    return float(log_t.detach().exp())
+    value = float(log_t.detach().clamp(-bound, bound).exp())
+    if abs(math.log(value)) >= bound - 1e-6:
+        warnings.warn(
+            f"the temperature reached its bound {value:g}: the predictions carry almost no "
+            "information about the targets (is the model trained, are these the right "
+            "targets?)",
+            stacklevel=2,
+        )
+    return value
 
 
 def calibrate_posterior(

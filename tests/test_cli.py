@@ -157,6 +157,40 @@ def test_pipeline_in_process(ws, pipeline):
     assert "111,658 of 11,165,770 entries (1.00 %)" in pipeline["info"]
 
 
+def test_convert_fits_and_calibrates_the_posterior(ws, pipeline):
+    """convert --posterior laplace --val-data: the same sigma, scale and temperature as
+    the library calls on the same data, saved with the model; bad plans are refused."""
+    data = ws / "digits.npz"
+    args = ["convert", ws / "det.pt", "--saliency", ws / "sal.pt", "--data", data,
+            "--val-data", data, "--posterior", "laplace", *BATCH, "--r-bayes", "0.01"]  # fmt: skip
+    out = _ok([*args, "-o", ws / "posterior.pt"])
+    assert "posterior: laplace" in out and "calibrated on --val-data" in out
+    cli = load(ws / "posterior.pt")
+    det = load(ws / "det.pt")
+    ref = convert(det, Saliency.load(ws / "sal.pt"), 0.01)
+    report = bnnconvert.fit_posterior(
+        ref, open_data(data, "train", batch_size=16), open_data(data, "val", batch_size=16)
+    )
+    info = cli.bnnconvert_info["posterior"]
+    assert info["prior_precision"] == pytest.approx(report.prior_precision, rel=1e-5)
+    assert info["scale"] == report.calibration.scale
+    assert info["temperature"] == pytest.approx(report.calibration.temperature, rel=1e-5)
+    assert cli.bnnconvert_info["temperature"] == pytest.approx(info["temperature"])
+    for (_, a), (_, b) in zip(bayesian_layers(cli), bayesian_layers(ref)):
+        for t in a.bayes_names:
+            torch.testing.assert_close(a.bayes_rho(t), b.bayes_rho(t))
+            assert float(a.bayes_scale) == float(b.bayes_scale)
+    auto = [*args[:6], "--posterior", "vi", "--r-bayes", "auto", "-o", ws / "x.pt"]
+    bad = CliRunner().invoke(main, [str(a) for a in auto])
+    assert bad.exit_code == 2 and "--r-bayes auto needs --val-data" in bad.output
+    assert not (ws / "x.pt").exists()
+    no_data = [*args[:4], "--posterior", "laplace", "--r-bayes", "0.01", "-o", ws / "x.pt"]
+    bad = CliRunner().invoke(main, [str(a) for a in no_data])
+    assert bad.exit_code == 2 and "--posterior needs --data" in bad.output
+    bad = CliRunner().invoke(main, ["convert", str(ws / "det.pt"), "--r-bayes", "2", "-o", "y.pt"])
+    assert bad.exit_code == 2 and "r_bayes" in bad.output
+
+
 def png_size(path: Path) -> tuple[int, int]:
     """(width, height) of a PNG, decoded in full (a truncated file fails)."""
     from PIL import Image

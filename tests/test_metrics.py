@@ -361,3 +361,20 @@ def test_errors_name_the_problem():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning on a clean call
         M.auc(random_probs(6, 2), torch.tensor([0, 1] * 3), task="multiclass")
+
+
+def test_fpr_at_tpr_against_scikit_learn():
+    from sklearn.metrics import roc_curve
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        ind = torch.randn(200, generator=g)
+        ood = torch.randn(150, generator=g) + 1.0
+        if trial == 4:  # ties
+            ind, ood = ind.round(decimals=1), ood.round(decimals=1)
+        labels = torch.cat([torch.zeros(200), torch.ones(150)]).numpy()
+        fpr, tpr, _ = roc_curve(labels, torch.cat([ind, ood]).numpy())
+        expected = fpr[(tpr >= 0.95).argmax()]  # the first threshold reaching 95 % TPR
+        assert M.fpr_at_tpr(ind, ood, 0.95) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="tpr"):
+        M.fpr_at_tpr(ind, ood, 0.0)

@@ -155,6 +155,9 @@ def test_predictive_nll_and_temperature_against_direct_computations():
     grid = torch.linspace(0.2, 10, 5000)
     best = min(grid.tolist(), key=lambda v: F.cross_entropy(out[0] / v, y).item())
     assert t == pytest.approx(best, rel=0.01)
+    wrong = 20 * F.one_hot((y + 1) % 5, 5).float()[None]  # confidently wrong: T -> infinity
+    with pytest.warns(UserWarning, match="bound"):
+        assert fit_temperature(wrong, y) == pytest.approx(100.0)
     labels = (torch.rand(30, 5, generator=g) < 0.5).float()
     p = torch.sigmoid(out / 2).mean(0)
     bern = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()

@@ -10,8 +10,18 @@ from .._utils import check_output_path
 from ..convert import bayes_summary
 from ..convert import convert as convert_model
 from ..pipeline import convert_checkpoint
-from ..saliency import CRITERIA, DATA_CRITERIA, FREE_CRITERIA, check_r_bayes, compute_saliency
-from .options import data_options, load_cli_model, model_options, output_option, saliency_data
+from ..posterior import METHODS
+from ..saliency import CRITERIA, DATA_CRITERIA, FREE_CRITERIA, compute_saliency
+from .options import (
+    cli_loader,
+    data_options,
+    load_cli_model,
+    model_options,
+    output_option,
+    r_bayes_type,
+    saliency_data,
+    show_progress,
+)
 
 __all__ = ["convert", "saliency"]
 
@@ -93,6 +103,8 @@ def saliency(
 @click.command(
     epilog="""\b
 Examples:
+  bnnconvert convert det.pt --data demo:digits --val-data demo:digits --posterior laplace \\
+      --r-bayes 0.01 -o bayes.pt
   bnnconvert convert det.pt --saliency saliency.pt --r-bayes 0.01 -o bayes.pt
   bnnconvert convert det.pt --data digits.npz --r-bayes 0.05 --moped-delta 0.1 -o bayes.pt
   bnnconvert convert det.pt --saliency magnitude --r-bayes 0.01 -o bayes.pt"""
@@ -104,12 +116,31 @@ Examples:
     metavar="FILE|magnitude|random",
     help="Saved saliency, or a data-free criterion. Default: a grad2 pass on --data.",
 )
-@click.option("--data", help="Training data for the saliency pass (without --saliency).")
+@click.option(
+    "--data", help="Training data: the saliency pass (without --saliency) and --posterior."
+)
 @click.option(
     "--r-bayes",
     required=True,
-    type=float,
-    help="Fraction of entries made Bayesian, in (0, 1]: 0.01 is 1 %.",
+    type=r_bayes_type(auto=True),
+    help="Fraction of entries made Bayesian, in (0, 1]: 0.01 is 1 %; or 'auto': the "
+    "smallest fraction within 1 % of the best validation NLL (needs --data, --val-data).",
+)
+@click.option(
+    "--posterior",
+    type=click.Choice(list(METHODS)),
+    help="Fit sigma on --data: laplace (post hoc), vi (ELBO, sigma only) or paper (the "
+    "paper's ELBO fine-tuning); calibrated on --val-data when given. Default: keep the "
+    "initial sigma (--rho-init / --moped-delta).",
+)
+@click.option("--val-data", help="Validation data (never the test split): calibration, auto.")
+@click.option("--val-split", default="val", show_default=True, help="Split of --val-data.")
+@click.option(
+    "--epochs",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Training epochs of --posterior vi / paper.",
 )
 @click.option(
     "--scope", default="global", show_default=True, type=click.Choice(["global", "layer"])
@@ -137,23 +168,38 @@ def convert(
     rho_init: float,
     moped_delta: float | None,
     batches: int | None,
+    posterior: str | None,
+    val_data: str | None,
+    val_split: str,
+    epochs: int,
     output: str,
     **o: Any,
 ) -> None:
-    """Make the top r_bayes entries Bayesian (step 3).
+    """Make the top r_bayes entries Bayesian (step 3) and fit their posterior.
 
-    The selected entries get a learned sigma; the others stay point estimates. The saved
-    model loads with bnnconvert.load(path) without unpickling code.
+    The selected entries get a sigma; the others stay point estimates. With --posterior
+    the sigma is fitted on --data (and its scale and the predictive's temperature on
+    --val-data). The saved model loads with bnnconvert.load(path) without unpickling code.
     """
-    check_r_bayes(r_bayes)
     free = saliency_ in FREE_CRITERIA
     if saliency_ is None and data is None:
         raise click.UsageError("pass --saliency FILE (from `bnnconvert saliency`) or --data")
+    needs = [
+        flag
+        for flag, used in (("--posterior", posterior), ("--r-bayes auto", r_bayes == "auto"))
+        if used
+    ]
+    if needs and data is None:
+        raise click.UsageError(f"{needs[0]} needs --data (the training data)")
+    if r_bayes == "auto" and val_data is None:
+        raise click.UsageError("--r-bayes auto needs --val-data (the validation data)")
     check_output_path(output)
     net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     loader = loss_fn = None
-    if saliency_ is None:
-        loader, loss_fn = saliency_data(ctx, net, data, "train", True, o)
+    if data is not None:  # shuffled for the posterior's training epochs
+        shuffle = posterior in ("vi", "paper")
+        loader, loss_fn = saliency_data(ctx, net, data, "train", True, o, shuffle=shuffle)
+    val = None if val_data is None else cli_loader(val_data, val_split, False, o)
     pbnn = convert_checkpoint(
         net,
         loader,
@@ -169,6 +215,36 @@ def convert(
         rho_init=rho_init,
         moped_delta=moped_delta,
         scope=scope,
+        posterior=posterior,
+        val_data=val,
+        posterior_options={"epochs": epochs, "seed": o["seed"]},
+        progress=show_progress(ctx),
     )
     click.echo(f"wrote {output}")
     click.echo(str(bayes_summary(pbnn)))
+    fitted = pbnn.bnnconvert_info.get("posterior")
+    if fitted is not None:
+        click.echo(describe_posterior(fitted))
+
+
+def describe_posterior(summary: dict[str, Any]) -> str:
+    """A few lines on a fitted posterior (the summary kept in the model's info)."""
+    lines = [f"posterior: {summary['method']}, {summary['num_bayesian']:,} Bayesian entries"]
+    if summary.get("prior_precision") is not None:
+        lines.append(f"prior precision lambda: {summary['prior_precision']:.4g}")
+    q = summary.get("sigma_quantiles") or {}
+    if q:
+        lines.append("sigma: " + ", ".join(f"{k} {v:.3g}" for k, v in q.items()))
+    if "scale" in summary:
+        lines.append(
+            f"calibrated on --val-data: scale t = {summary['scale']:.4g}, temperature T = "
+            f"{summary['temperature']:.4g}, validation NLL {summary['val_nll']:.4f}"
+        )
+    sweep = summary.get("r_bayes_sweep")
+    if sweep is not None:
+        lines.append(
+            f"r_bayes auto: {sweep['chosen']:g} (validation NLL per r: "
+            + ", ".join(f"{row['r_bayes']:g}: {row['val_nll']:.4f}" for row in sweep["rows"])
+            + ")"
+        )
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data import open_data
 from ..losses import LossFn, data_class_weights, data_task, task_loss
+from ..saliency import check_r_bayes
 from ..serialization import load_checkpoint, parse_arch_kwargs
 from ..training import check_fit
 
@@ -30,6 +31,7 @@ __all__ = [
     "load_cli_model",
     "model_options",
     "output_option",
+    "r_bayes_type",
     "saliency_data",
     "show_progress",
 ]
@@ -141,10 +143,12 @@ def cli_task_loss(loader: Iterable, task: str | None, weighted: bool) -> tuple[s
     return task, task_loss(task, weights)
 
 
-def saliency_data(ctx, net, data: str, split: str, weighted: bool, o: dict[str, Any]):
+def saliency_data(
+    ctx, net, data: str, split: str, weighted: bool, o: dict[str, Any], shuffle: bool = False
+):
     """(progress-wrapped loader, loss) of the saliency pass, checked against the model."""
     check_batch_size(o["batch_size"])
-    loader = cli_loader(data, split, False, o)
+    loader = cli_loader(data, split, shuffle, o)
     task, loss_fn = cli_task_loss(loader, o["task"], weighted)
     check_fit(net, loader, loss_fn, task)
     bar = tqdm(loader, desc="saliency", unit="batch", disable=not show_progress(ctx), leave=False)
@@ -155,3 +159,26 @@ def check_batch_size(value: int) -> None:
     """Raise click.BadParameter (exit code 2) for a ``--batch-size`` below 1."""
     if value < 1:
         raise click.BadParameter(f"must be >= 1, got {value}", param_hint="--batch-size")
+
+
+class _RBayes(click.ParamType):
+    """A fraction in (0, 1], or "auto" when allowed."""
+
+    def __init__(self, auto: bool) -> None:
+        self.auto = auto
+        self.name = "FRACTION|auto" if auto else "FRACTION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
+        if isinstance(value, float) or (self.auto and value == "auto"):
+            return value
+        try:
+            r = float(value)
+            check_r_bayes(r)
+        except (TypeError, ValueError) as exc:
+            self.fail(f"{value!r}: {exc}; pass a fraction in (0, 1], e.g. 0.01", param, ctx)
+        return r
+
+
+def r_bayes_type(auto: bool = False) -> click.ParamType:
+    """The click type of an r_bayes option: a fraction in (0, 1] (or "auto")."""
+    return _RBayes(auto)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import split_batch
-from ..losses import LossFn
+from ..posterior import fit_temperature
 from .base import FitRun, Method, model_outputs
 
 __all__ = ["Deterministic", "fit_temperature"]
@@ -21,9 +21,11 @@ class Deterministic(Method):
         model, task, name: see :class:`~bnnconvert.methods.Method` (``samples`` is
             accepted and ignored: one forward).
         temperature_scaling: after training, fit one temperature T > 0 on ``val_data``
-            (required then) by minimising the validation NLL of logits / T with LBFGS;
-            predictions use logits / T. Classification: T scales the (N, C) logits of
-            softmax or the (N, L) logits of sigmoid outputs. Segmentation: one T for
+            (required then) by minimising the validation NLL of logits / T
+            (:func:`bnnconvert.posterior.fit_temperature`, the function that also
+            calibrates the Bayesian models); predictions use logits / T.
+            Classification: T scales the (N, C) logits of softmax or the (N, L) logits
+            of sigmoid outputs. Segmentation: one T for
             every pixel, fitted on the per-pixel cross-entropy of all pixels of
             ``val_data`` (their logits are held in memory: keep the set small).
 
@@ -62,7 +64,8 @@ class Deterministic(Method):
         """Fit the temperature on (input, target) batches; returns T."""
         self.task = self.task or "multiclass"
         logits, targets = self._logits(val_data)
-        self.temperature = fit_temperature(logits, targets, self._loss())
+        activation = "sigmoid" if self.task == "multilabel" else "softmax"
+        self.temperature = fit_temperature(logits[None], targets, activation=activation)
         return self.temperature
 
     def outputs(self, x: Tensor, samples: int) -> Tensor:
@@ -77,30 +80,3 @@ class Deterministic(Method):
                 outs.append(model_outputs(self.model, x.to(self.device), 1)[0].cpu())
             targets.append(y.cpu())
         return torch.cat(outs), torch.cat(targets)
-
-
-def fit_temperature(
-    logits: Tensor, targets: Tensor, loss_fn: LossFn, *, max_iter: int = 100
-) -> float:
-    """The temperature T > 0 minimising ``loss_fn(logits / T, targets)`` (the NLL).
-
-    Optimised over log T (so T stays positive) with LBFGS and a strong-Wolfe line search,
-    starting from T = 1.
-
-    Args:
-        logits: (N, C, *spatial) or (N, L) raw outputs.
-        targets: what ``loss_fn`` expects, e.g. (N, *spatial) class indices.
-        loss_fn: the NLL, e.g. :func:`bnnconvert.losses.task_loss` of the task.
-    """
-    logits = logits.detach().float()
-    log_t = torch.zeros((), requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = loss_fn(logits / log_t.exp(), targets)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    return float(log_t.detach().exp())

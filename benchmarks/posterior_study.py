@@ -1,0 +1,530 @@
+"""The posterior study: does a converted model give better uncertainty than the checkpoint?
+
+On the bundled digits (ResNet18), for each seed: train a checkpoint (the demo's step 1,
+3 epochs SGD momentum 0.9, then 1 epoch without momentum), then compare on the test split
+and on out-of-distribution images
+
+- the checkpoint, and the checkpoint with temperature scaling (T fitted on validation);
+- last-layer Laplace (laplace-torch: KFAC, marginal-likelihood prior precision; the probit
+  and the Monte Carlo predictives);
+- bnnconvert's posteriors on the grad2 top 1 % (the paper's selection) and on the last
+  layer: "laplace" and "vi" (:func:`bnnconvert.fit_posterior`), each calibrated on the
+  validation split (:func:`bnnconvert.calibrate_posterior`: sigma scale t and
+  temperature T), each also at its means (t = 0, same T);
+- the paper's recipe (rho -3, 2 ELBO epochs of beta 0.01 "mean" KL, SGD), uncalibrated as
+  published, and at its means;
+- the "variance" selection (Laplace), and a per-layer ablation of one posterior (noise on
+  one group of layers at a time, at the calibrated t and T).
+
+Every hyperparameter (t, T, lambda, the default recipe) is chosen on the validation split
+(500 digits); the test split (500 digits), the photographs (far OOD, 500) and the UCI
+digits of scikit-learn (near OOD, 500, upscaled) are only evaluated. Paired differences
+against temperature scaling get 95 % bootstrap intervals (test items resampled within each
+seed, the mean over seeds).
+
+    python benchmarks/posterior_study.py --seeds 0 1 2 --out benchmarks/posterior_study
+
+writes ``results.json`` (every number) and ``results.md`` (the tables of
+docs/results.md) into ``--out``; ``--quick`` runs a few-minute smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+import bnnconvert
+from bnnconvert.data import demo_classification, demo_ood, make_loader
+from bnnconvert.layers import bayesian_layers, set_sigma_scale
+from bnnconvert.metrics import evaluate, fpr_at_tpr
+from bnnconvert.models import resnet18
+from bnnconvert.posterior import fit_temperature, predictive_nll
+from bnnconvert.predict import Prediction, predict
+from bnnconvert.training import TrainSettings, train
+
+log = logging.getLogger("posterior_study")
+
+SAMPLES = 10
+"""Posterior samples per prediction (calibration and evaluation)."""
+
+GROUPS = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
+"""The per-layer ablation's groups of ResNet18."""
+
+
+# ---------------------------------------------------------------------- data
+def _tensors(dataset) -> tuple[Tensor, Tensor]:
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(xs), torch.stack(ys)
+
+
+def near_ood(n: int = 500, seed: int = 0) -> Tensor | None:
+    """UCI 8x8 digits (scikit-learn), upscaled into a 20 x 20 box of a 28 x 28 image as in
+    MNIST, scaled to [-1, 1] like the bundled digits; None without scikit-learn."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return None
+    digits = load_digits()
+    pick = np.random.default_rng(seed).choice(len(digits.images), n, replace=False)
+    img = torch.tensor(digits.images[pick] / 16.0, dtype=torch.float32)[:, None]
+    img = F.interpolate(img, size=(20, 20), mode="bilinear", align_corners=False).clamp(0, 1)
+    return F.pad(img, (4, 4, 4, 4)) * 2 - 1
+
+
+def load_sets(quick: bool) -> dict[str, Any]:
+    sizes = (400, 200) if quick else (None, None)
+    train_set = demo_classification("train")
+    if sizes[0]:
+        train_set = Subset(train_set, range(sizes[0]))
+    sets = {"train": train_set}
+    for split in ("val", "test"):
+        x, y = _tensors(demo_classification(split))
+        sets[split] = (x[: sizes[1]], y[: sizes[1]]) if sizes[1] else (x, y)
+    sets["ood"] = _tensors(demo_ood())[0][: sizes[1]]
+    near = near_ood()
+    if near is not None:
+        sets["near"] = near[: sizes[1]]
+    return sets
+
+
+def train_loader(sets, seed: int, shuffle: bool = True) -> DataLoader:
+    return make_loader(sets["train"], 50, shuffle=shuffle, seed=seed, drop_last=shuffle)
+
+
+def val_loader(sets) -> DataLoader:
+    return DataLoader(TensorDataset(*sets["val"]), batch_size=250)
+
+
+# ---------------------------------------------------------------------- checkpoint
+def checkpoint(sets, seed: int, folder: Path, quick: bool) -> nn.Module:
+    """The demo's step 1 (3 epochs, momentum 0.9) plus 1 epoch without momentum, cached."""
+    path = folder / f"checkpoint_seed{seed}{'_quick' if quick else ''}.pt"
+    torch.manual_seed(seed)
+    model = resnet18(10, 1)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    data = train_loader(sets, seed)
+    base = TrainSettings(momentum=0.9)
+    train(model, data, 1 if quick else 3, base, task="multiclass", seed=seed, progress=False)
+    train(model, data, 1, base.replace(momentum=0.0), task="multiclass", seed=seed, progress=False)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------- evaluation
+Predictor = Callable[[Tensor], Prediction]
+
+
+def run_predictor(predictor: Predictor, sets, seed: int) -> dict[str, Prediction]:
+    out = {}
+    for name in ("test", "ood", "near"):
+        if name in sets:
+            torch.manual_seed(1000 + seed)
+            x = sets[name][0] if isinstance(sets[name], tuple) else sets[name]
+            out[name] = predictor(x)
+    return out
+
+
+def bayes_predictor(model: nn.Module, samples: int = SAMPLES) -> Predictor:
+    return lambda x: predict(model, x, samples, batch_size=500, keep_samples=False)
+
+
+def logits_predictor(model: nn.Module, temperature: float = 1.0) -> Predictor:
+    def run(x: Tensor) -> Prediction:
+        with torch.no_grad():
+            logits = torch.cat([model(b) for b in x.split(500)]) / temperature
+        p = logits.softmax(1)
+        entropy = -(p * p.clamp_min(1e-30).log()).sum(1)
+        return Prediction(
+            p,
+            torch.zeros_like(p),
+            entropy=entropy,
+            expected_entropy=entropy,
+            mutual_info=torch.zeros_like(entropy),
+        )
+
+    return run
+
+
+def summarise(preds: dict[str, Prediction], y: Tensor) -> dict[str, float]:
+    test = preds["test"]
+    m = evaluate(test, y, task="multiclass")
+    row = {k: float(m[k]) for k in ("accuracy", "nll", "brier", "ece", "adaptive_ece")}
+    for name, key in (("ood", "far"), ("near", "near")):
+        if name not in preds:
+            continue
+        ind, ood = test.entropy.double(), preds[name].entropy.double()
+        row[f"auroc_{key}"] = _auroc(ind, ood)
+        row[f"fpr95_{key}"] = fpr_at_tpr(ind, ood)
+        row[f"auroc_{key}_mi"] = _auroc(test.mutual_info.double(), preds[name].mutual_info.double())
+    # AURC on the mixed stream: test items (risk = error) and far-OOD items (risk 1),
+    # ranked by the entropy of the expected prediction
+    errors = (test.probs.argmax(1) != y).double()
+    risk = torch.cat([errors, torch.ones(len(preds["ood"].probs))])
+    row["aurc_mixed"] = _aurc(torch.cat([test.entropy, preds["ood"].entropy]).double(), risk)
+    return row
+
+
+def _auroc(neg: Tensor, pos: Tensor) -> float:
+    """P(score_pos > score_neg) + 0.5 P(tie): the Mann-Whitney form of the AUROC."""
+    scores = torch.cat([neg, pos])
+    ranks = _ranks(scores)
+    n_pos, n_neg = len(pos), len(neg)
+    return float((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """1-based ranks with ties averaged."""
+    order = x.argsort()
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(ranks)
+    )
+    return (sums / counts)[inverse]
+
+
+def _aurc(uncertainty: Tensor, risk: Tensor) -> float:
+    order = uncertainty.argsort(stable=True)
+    cum = risk[order].cumsum(0) / torch.arange(1, len(risk) + 1, dtype=torch.float64)
+    return float(cum.mean())
+
+
+def per_item(preds: dict[str, Prediction], y: Tensor) -> dict[str, list[float]]:
+    """What the paired bootstrap needs: per test item its NLL and error, and every entropy."""
+    p = preds["test"].probs.double()
+    out = {
+        "nll": (-p.clamp_min(1e-30).log().gather(1, y[:, None]).squeeze(1)).tolist(),
+        "error": (p.argmax(1) != y).double().tolist(),
+    }
+    for name in preds:
+        out[f"entropy_{name}"] = preds[name].entropy.double().tolist()
+    return out
+
+
+# ---------------------------------------------------------------------- methods
+def temperature_scaled(model: nn.Module, sets) -> tuple[Predictor, dict]:
+    with torch.no_grad():
+        logits = torch.cat([model(b) for b in sets["val"][0].split(500)])
+    t = fit_temperature(logits[None], sets["val"][1])
+    val_nll = float(predictive_nll(logits[None], sets["val"][1], temperature=t))
+    return logits_predictor(model, t), {"temperature": t, "val_nll": val_nll}
+
+
+def laplace_last_layer(model: nn.Module, sets, seed: int, mc: bool) -> tuple[Predictor, dict]:
+    from bnnconvert.methods import LaplaceLastLayer
+
+    options = {"pred_type": "nn", "link_approx": "mc", "samples": SAMPLES} if mc else {}
+    method = LaplaceLastLayer(model, task="multiclass", **options)
+    start = time.perf_counter()
+    method.fit(train_loader(sets, seed, shuffle=False), epochs=0)
+    info = {
+        "prior_precision": float(method.prior_precision),
+        "seconds": time.perf_counter() - start,
+    }
+    return (lambda x: method.predict(x, batch_size=500, keep_samples=False)), info
+
+
+def masks_last_layer(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        n: torch.ones_like(p, dtype=torch.bool) for n, p in model.fc.named_parameters(prefix="fc")
+    }
+
+
+def ours(model, sets, seed, selection, method, saliency) -> tuple[nn.Module, dict]:
+    if selection == "grad2":
+        pbnn = bnnconvert.convert(model, saliency, 0.01, moped_delta=0.1)
+    elif selection == "last layer":
+        pbnn = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
+    else:  # variance
+        pbnn = bnnconvert.convert(model, saliency, 0.01)
+    start = time.perf_counter()
+    report = bnnconvert.fit_posterior(
+        pbnn,
+        train_loader(sets, seed, shuffle=method != "laplace"),
+        val_loader(sets),
+        method=method,
+        epochs=2,
+        samples=SAMPLES,
+        seed=seed,
+        progress=False,
+    )
+    cal = report.calibration
+    info = {
+        "seconds": time.perf_counter() - start,
+        "prior_precision": report.prior_precision,
+        "sigma_median": report.sigma_quantiles["median"],
+        "scale": cal.scale,
+        "temperature": cal.temperature,
+        "val_nll": cal.nll,
+        "curve": cal.curve,
+        "timing": report.seconds,
+    }
+    return pbnn, info
+
+
+def at_means(pbnn: nn.Module) -> Predictor:
+    """The same calibrated model with t = 0 (the means, the same T)."""
+
+    def run(x: Tensor) -> Prediction:
+        scales = [float(layer.bayes_scale) for _, layer in bayesian_layers(pbnn)]
+        set_sigma_scale(pbnn, 0.0)
+        try:
+            return predict(pbnn, x, 1, batch_size=500, keep_samples=False)
+        finally:
+            for (_, layer), value in zip(bayesian_layers(pbnn), scales):
+                layer.bayes_scale.fill_(value)
+
+    return run
+
+
+def paper(model, sets, seed, saliency) -> tuple[nn.Module, dict]:
+    pbnn = bnnconvert.convert(model, saliency, 0.01, rho_init=-3.0)
+    start = time.perf_counter()
+    bnnconvert.fit_posterior(pbnn, train_loader(sets, seed), method="paper", epochs=2, seed=seed)
+    return pbnn, {"seconds": time.perf_counter() - start}
+
+
+def ablation(pbnn: nn.Module, sets, seed: int) -> dict[str, dict]:
+    """Noise on one group of layers at a time (the others at t = 0), same t and T."""
+    t = float(next(layer for _, layer in bayesian_layers(pbnn)).bayes_scale)
+    rows = {}
+    for group in GROUPS:
+        members = [layer for name, layer in bayesian_layers(pbnn) if name.split(".")[0] == group]
+        if not members:
+            continue
+        set_sigma_scale(pbnn, 0.0)
+        for layer in members:
+            layer.bayes_scale.fill_(t)
+        rows[group] = summarise(run_predictor(bayes_predictor(pbnn), sets, seed), sets["test"][1])
+    set_sigma_scale(pbnn, t)
+    return rows
+
+
+# ---------------------------------------------------------------------- one seed
+def run_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    y = sets["test"][1]
+    model = checkpoint(sets, seed, folder, quick)
+    saliency = bnnconvert.compute_saliency(model, train_loader(sets, seed, shuffle=False))
+    results: dict[str, dict] = {}
+    items: dict[str, dict] = {}
+
+    def record(name: str, predictor: Predictor, info: dict | None = None) -> None:
+        preds = run_predictor(predictor, sets, seed)
+        results[name] = {**summarise(preds, y), **(info or {})}
+        items[name] = per_item(preds, y)
+        log.info(
+            "seed %d %-40s %s",
+            seed,
+            name,
+            {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)},
+        )
+
+    record("checkpoint", logits_predictor(model))
+    predictor, info = temperature_scaled(model, sets)
+    record("temperature scaling", predictor, info)
+    for mc in (False, True):
+        predictor, info = laplace_last_layer(model, sets, seed, mc)
+        record(f"last-layer Laplace (KFAC, {'MC' if mc else 'probit'})", predictor, info)
+    candidates = {}
+    for method in ("laplace", "vi"):
+        for selection in ("grad2", "last layer"):
+            name = f"{method}, {selection}"
+            pbnn, info = ours(model, sets, seed, selection, method, saliency)
+            record(name, bayes_predictor(pbnn), info)
+            record(f"{name} at its means", at_means(pbnn))
+            candidates[name] = pbnn
+    pbnn, info = ours(
+        model,
+        sets,
+        seed,
+        "variance",
+        "laplace",
+        bnnconvert.compute_saliency(
+            model, train_loader(sets, seed, shuffle=False), criterion="variance"
+        ),
+    )
+    record("laplace, variance", bayes_predictor(pbnn), info)
+    pbnn, info = paper(model, sets, seed, saliency)
+    record("paper recipe (uncalibrated)", bayes_predictor(pbnn, 5), info)
+    record("paper recipe at its means", at_means(pbnn))
+    return {
+        "results": results,
+        "items": items,
+        "candidates": list(candidates),
+        "ablation": {
+            name: ablation(m, sets, seed)
+            for name, m in candidates.items()
+            if name.endswith("grad2")
+        },
+    }
+
+
+# ---------------------------------------------------------------------- statistics
+def paired_interval(
+    seeds: list[dict], name: str, reference: str, stat: str, draws: int = 2000
+) -> tuple[float, float, float]:
+    """Mean over seeds of (name - reference) and its 95 % bootstrap interval (test items,
+    and OOD items for AUROC, resampled within each seed with the same indices for both)."""
+    rng = np.random.default_rng(0)
+    diffs = np.zeros(draws)
+    point = 0.0
+    for run in seeds:
+        a, b = run["items"][name], run["items"][reference]
+        if stat == "nll":
+            da = np.asarray(a["nll"]) - np.asarray(b["nll"])
+            point += da.mean()
+            idx = rng.integers(0, len(da), (draws, len(da)))
+            diffs += da[idx].mean(1)
+        else:  # auroc_far / auroc_near by entropy
+            ood = "entropy_ood" if stat == "auroc_far" else "entropy_near"
+            ta, oa = np.asarray(a["entropy_test"]), np.asarray(a[ood])
+            tb, ob = np.asarray(b["entropy_test"]), np.asarray(b[ood])
+            point += _np_auroc(ta, oa) - _np_auroc(tb, ob)
+            for i in range(draws):
+                it = rng.integers(0, len(ta), len(ta))
+                io = rng.integers(0, len(oa), len(oa))
+                diffs[i] += _np_auroc(ta[it], oa[io]) - _np_auroc(tb[it], ob[io])
+    n = len(seeds)
+    lo, hi = np.percentile(diffs / n, [2.5, 97.5])
+    return point / n, float(lo), float(hi)
+
+
+def _np_auroc(neg: np.ndarray, pos: np.ndarray) -> float:
+    return _auroc(torch.from_numpy(neg), torch.from_numpy(pos))
+
+
+# ---------------------------------------------------------------------- report
+COLUMNS = (
+    ("accuracy", "acc"),
+    ("nll", "NLL"),
+    ("brier", "Brier"),
+    ("ece", "ECE"),
+    ("adaptive_ece", "aECE"),
+    ("auroc_far", "far AUROC"),
+    ("fpr95_far", "far FPR95"),
+    ("auroc_near", "near AUROC"),
+    ("aurc_mixed", "AURC mixed"),
+)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    seeds = report["seeds"]
+    names = list(seeds[0]["results"])
+    lines = [f"Machine: {report['machine']}; {report['seconds']:.0f} s; S = {SAMPLES} samples.", ""]
+    lines.append("| method | " + " | ".join(c for _, c in COLUMNS) + " | val NLL |")
+    lines.append("|---" * (len(COLUMNS) + 2) + "|")
+    for name in names:
+        cells = []
+        for key, _ in COLUMNS:
+            values = [s["results"][name].get(key) for s in seeds]
+            if any(v is None for v in values):
+                cells.append("")
+                continue
+            cells.append(f"{np.mean(values):.4f} ({', '.join(f'{v:.3f}' for v in values)})")
+        val = [s["results"][name].get("val_nll") for s in seeds]
+        cells.append("" if any(v is None for v in val) else f"{np.mean(val):.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired differences against temperature scaling (mean over seeds, 95 % "
+        "bootstrap interval):",
+        "",
+        "| method | NLL | far AUROC | near AUROC |",
+        "|---|---|---|---|",
+    ]
+    for name in names:
+        if name == "temperature scaling":
+            continue
+        cells = []
+        for stat in ("nll", "auroc_far", "auroc_near"):
+            if stat not in report["paired"][name]:
+                cells.append("")
+                continue
+            d, lo, hi = report["paired"][name][stat]
+            cells.append(f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for cand, per_seed in report["ablation"].items():
+        lines += [
+            "",
+            f"Per-layer ablation of '{cand}' (noise on one group only; mean over seeds):",
+            "",
+            "| group | acc | NLL | ECE | far AUROC | near AUROC |",
+            "|---|---|---|---|---|---|",
+        ]
+        for group in GROUPS:
+            rows = [s[group] for s in per_seed if group in s]
+            if not rows:
+                continue
+            cells = [
+                f"{np.mean([r[k] for r in rows]):.4f}"
+                for k in ("accuracy", "nll", "ece", "auroc_far", "auroc_near")
+                if k in rows[0]
+            ]
+            lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    lines += ["", f"Default recipe chosen on validation NLL: **{report['default']}**."]
+    return "\n".join(lines) + "\n"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/posterior_study")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    sets = load_sets(args.quick)
+    start = time.perf_counter()
+    seeds = [run_seed(seed, sets, folder, args.quick) for seed in args.seeds]
+    names = list(seeds[0]["results"])
+    paired = {
+        name: {
+            stat: paired_interval(seeds, name, "temperature scaling", stat)
+            for stat in ("nll", "auroc_far") + (("auroc_near",) if "near" in sets else ())
+        }
+        for name in names
+        if name != "temperature scaling"
+    }
+    candidates = seeds[0]["candidates"]
+    default = min(candidates, key=lambda c: np.mean([s["results"][c]["val_nll"] for s in seeds]))
+    report = {
+        "machine": _machine(),
+        "seconds": time.perf_counter() - start,
+        "samples": SAMPLES,
+        "seeds": seeds,
+        "paired": paired,
+        "default": default,
+        "ablation": {c: [s["ablation"].get(c, {}) for s in seeds] for c in seeds[0]["ablation"]},
+    }
+    torch.save([s.pop("items") for s in seeds], folder / "items.pt")  # per-item, not committed
+    (folder / "results.json").write_text(json.dumps(report, indent=1))
+    (folder / "results.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
