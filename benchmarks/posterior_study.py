@@ -46,10 +46,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import bnnconvert
-from bnnconvert.data import demo_classification, demo_ood, make_loader
+from bnnconvert.data import demo_classification, demo_ood, demo_segmentation, make_loader
 from bnnconvert.layers import bayesian_layers, set_sigma_scale
-from bnnconvert.metrics import evaluate, fpr_at_tpr
-from bnnconvert.models import resnet18
+from bnnconvert.metrics import (
+    calibration_bins,
+    confidence_and_correct,
+    ece_from_bins,
+    evaluate,
+    fpr_at_tpr,
+)
+from bnnconvert.models import UNet, resnet18
 from bnnconvert.posterior import fit_temperature, predictive_nll
 from bnnconvert.predict import Prediction, predict
 from bnnconvert.training import TrainSettings, train
@@ -375,6 +381,157 @@ def run_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------- segmentation
+def segmentation_sets(quick: bool) -> dict[str, Any]:
+    """The nuclei tiles: train (135, or 40 with --quick), val (15), test (16)."""
+    train_set = demo_segmentation("train")
+    if quick:
+        train_set = Subset(train_set, range(40))
+    return {
+        "train": train_set,
+        "val": _tensors(demo_segmentation("val")),
+        "test": _tensors(demo_segmentation("test")),
+    }
+
+
+def unet_checkpoint(sets, seed: int, folder: Path, quick: bool) -> nn.Module:
+    """The demo's UNet: 6 epochs SGD momentum 0.9, then 2 without momentum, batch 10."""
+    path = folder / f"unet_seed{seed}{'_quick' if quick else ''}.pt"
+    torch.manual_seed(seed)
+    model = UNet(1, 2, base=16)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    data = make_loader(sets["train"], 10, shuffle=True, seed=seed, drop_last=True)
+    base = TrainSettings(momentum=0.9)
+    train(model, data, 2 if quick else 6, base, task="segmentation", seed=seed, progress=False)
+    train(
+        model,
+        data,
+        1 if quick else 2,
+        base.replace(momentum=0.0),
+        task="segmentation",
+        seed=seed,
+        progress=False,
+    )
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def segmentation_row(pred: Prediction, y: Tensor) -> tuple[dict[str, float], np.ndarray]:
+    """(Dice, IoU, pixel NLL, Brier, ECE; per-tile calibration bins (N, 3, 15))."""
+    m = evaluate(pred, y, task="segmentation")
+    row = {k: float(m[k]) for k in ("dice", "iou", "nll", "brier", "ece")}
+    bins = []
+    for i in range(len(y)):
+        conf, correct = confidence_and_correct(pred.probs[i : i + 1], y[i : i + 1])
+        bins.append(calibration_bins(conf, correct).numpy())
+    return row, np.stack(bins)
+
+
+def run_segmentation_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    model = unet_checkpoint(sets, seed, folder, quick)
+    x, y = sets["test"]
+    results, bins = {}, {}
+    train_data = make_loader(sets["train"], 10, shuffle=False, seed=seed)
+    val = DataLoader(TensorDataset(*sets["val"]), batch_size=8)
+
+    def record(name: str, run: Callable[[Tensor], Prediction], info: dict | None = None) -> None:
+        torch.manual_seed(1000 + seed)
+        results[name], bins[name] = segmentation_row(run(x), y)
+        results[name].update(info or {})
+        log.info(
+            "seed %d %-34s %s",
+            seed,
+            name,
+            {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)},
+        )
+
+    record("checkpoint", logits_predictor(model))
+    with torch.no_grad():
+        logits = torch.cat([model(b) for b in sets["val"][0].split(8)])
+    t = fit_temperature(logits[None], sets["val"][1])
+    record("temperature scaling", logits_predictor(model, t), {"temperature": t})
+    saliency = bnnconvert.compute_saliency(model, train_data)
+    head = {
+        n: torch.ones_like(p, dtype=torch.bool)
+        for n, p in model.head.named_parameters(prefix="head")
+    }
+    for method in ("laplace", "vi"):
+        for selection, chosen, r in (("grad2", saliency, 0.01), ("last layer", head, None)):
+            pbnn = bnnconvert.convert(model, chosen, r, moped_delta=0.1)
+            loader = make_loader(sets["train"], 10, shuffle=method == "vi", seed=seed)
+            report = bnnconvert.fit_posterior(
+                pbnn,
+                loader,
+                val,
+                method=method,
+                epochs=2,
+                samples=SAMPLES,
+                seed=seed,
+                task="segmentation",
+            )
+            cal = report.calibration
+            info = {
+                "scale": cal.scale,
+                "temperature": cal.temperature,
+                "val_nll": cal.nll,
+                "prior_precision": report.prior_precision,
+                "timing": report.seconds,
+            }
+            record(f"{method}, {selection}", bayes_predictor(pbnn, SAMPLES), info)
+            record(f"{method}, {selection} at its means", at_means(pbnn))
+    return {"results": results, "bins": bins}
+
+
+def segmentation_paired_ece(seeds: list[dict], name: str, draws: int = 2000):
+    """Mean over seeds of the pixel-ECE difference (name - temperature scaling) and its
+    95 % bootstrap interval (test tiles resampled within each seed)."""
+    rng = np.random.default_rng(0)
+    diffs = np.zeros(draws)
+    point = 0.0
+    for run in seeds:
+        a, b = run["bins"][name], run["bins"]["temperature scaling"]
+        point += _pooled_ece(a) - _pooled_ece(b)
+        for i in range(draws):
+            idx = rng.integers(0, len(a), len(a))
+            diffs[i] += _pooled_ece(a[idx]) - _pooled_ece(b[idx])
+    lo, hi = np.percentile(diffs / len(seeds), [2.5, 97.5])
+    return point / len(seeds), float(lo), float(hi)
+
+
+def _pooled_ece(bins: np.ndarray) -> float:
+    """The pixel ECE of tiles pooled: per-tile bins (N, 3, B) summed."""
+    return float(ece_from_bins(torch.from_numpy(bins.sum(0))))
+
+
+def segmentation_markdown(seeds: list[dict], paired: dict) -> str:
+    names = list(seeds[0]["results"])
+    keys = (
+        ("dice", "Dice"),
+        ("iou", "IoU"),
+        ("nll", "pixel NLL"),
+        ("brier", "Brier"),
+        ("ece", "pixel ECE"),
+    )
+    lines = [
+        "| method | " + " | ".join(c for _, c in keys) + " | ECE - TS [95 % CI] |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
+    for name in names:
+        cells = []
+        for key, _ in keys:
+            values = [s["results"][name][key] for s in seeds]
+            cells.append(f"{np.mean(values):.4f} ({', '.join(f'{v:.3f}' for v in values)})")
+        if name in paired:
+            d, lo, hi = paired[name]
+            cells.append(f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        else:
+            cells.append("")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------- statistics
 def paired_interval(
     seeds: list[dict], name: str, reference: str, stat: str, draws: int = 2000
@@ -481,6 +638,25 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def segmentation_main(args, folder: Path) -> None:
+    sets = segmentation_sets(args.quick)
+    start = time.perf_counter()
+    seeds = [run_segmentation_seed(seed, sets, folder, args.quick) for seed in args.seeds]
+    paired = {
+        name: segmentation_paired_ece(seeds, name)
+        for name in seeds[0]["results"]
+        if name != "temperature scaling"
+    }
+    text = (
+        f"Machine: {_machine()}; {time.perf_counter() - start:.0f} s; S = {SAMPLES}.\n\n"
+        + segmentation_markdown(seeds, paired)
+    )
+    report = {"seeds": [s["results"] for s in seeds], "paired_ece": paired}
+    (folder / "segmentation.json").write_text(json.dumps(report, indent=1))
+    (folder / "segmentation.md").write_text(text)
+    print(text)
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
@@ -492,11 +668,17 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/posterior_study")
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--task", choices=("classification", "segmentation"), default="classification"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
+    if args.task == "segmentation":
+        segmentation_main(args, folder)
+        return
     sets = load_sets(args.quick)
     start = time.perf_counter()
     seeds = [run_seed(seed, sets, folder, args.quick) for seed in args.seeds]

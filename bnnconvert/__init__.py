@@ -7,7 +7,7 @@ uncertainty.
 """
 
 from ._version import __version__ as __version__
-from .convert import BayesSummary, bayes_summary, convert, to_deterministic
+from .convert import BayesSummary, bayes_summary, convert, last_layer_masks, to_deterministic
 from .costs import ComparisonTable, compare_method_costs, compare_methods
 from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
 from .flops import FlopReport, count_flops, training_cost
@@ -46,6 +46,7 @@ __all__ = [
     "elbo_loss",
     "fit_posterior",
     "kl_loss",
+    "last_layer_masks",
     "load",
     "load_checkpoint",
     "mean_weights",

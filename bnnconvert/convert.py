@@ -27,7 +27,7 @@ from .layers import (
 )
 from .saliency import FREE_CRITERIA, Saliency, check_r_bayes, compute_saliency
 
-__all__ = ["BayesSummary", "bayes_summary", "convert", "to_deterministic"]
+__all__ = ["BayesSummary", "bayes_summary", "convert", "last_layer_masks", "to_deterministic"]
 
 INFO_ATTR = "bnnconvert_info"
 """Attribute of a converted model's root holding the conversion settings (a plain dict)."""
@@ -87,6 +87,22 @@ def convert(
     )
     setattr(model, INFO_ATTR, info)
     return model
+
+
+def last_layer_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Masks selecting every weight and bias of the model's last convertible layer (the
+    last Linear / convolution in ``named_modules()`` order: a classifier's head, a
+    segmentation network's final convolution): ``convert(model, last_layer_masks(model))``
+    makes that layer fully Bayesian and leaves every other layer as it was."""
+    params = convertible_parameters(model)
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to select")
+    layer = next(reversed(params)).rpartition(".")[0]
+    return {
+        name: torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        for name, p in params.items()
+        if name.rpartition(".")[0] == layer
+    }
 
 
 def _resolve_masks(model, saliency, r_bayes, scope) -> tuple[dict[str, Tensor], dict]:

@@ -113,8 +113,8 @@ class ComparisonTable:
             f"- training step: (1 + {b:g} backward) x (S = {s} training-mode forwards + one KL) "
             f"for the Bayesian models, M = {m} deterministic steps for the ensemble, over "
             "one deterministic step (1 forward + backward). A Bayesian model's forward costs "
-            "the deterministic forward plus 4 FLOPs per Bayesian entry (5 for bayesian-torch) "
-            f"and its KL about 11 per entry, so its step is about {s}x when k is small "
+            "the deterministic forward plus 5 FLOPs per Bayesian entry (5 for bayesian-torch) "
+            f"and its KL about 12 per entry, so its step is about {s}x when k is small "
             "against one forward.",
             f"- training run: {self.epochs} epochs x {self.steps_per_epoch} steps; partial "
             f"models add the saliency pass ({self.saliency_batches} forward+backward "
@@ -175,11 +175,12 @@ def compare_method_costs(
     entries; each multiple is over the deterministic model's same quantity):
 
     - inference: the ensemble runs M forwards (M x). A Bayesian model runs S forwards of a
-      network costing F plus its sampling, 4 FLOPs per Bayesian entry for bnnconvert
-      (softplus, normal draw, multiply, add) and 5 for bayesian-torch (exp and log1p
-      instead of softplus): S x (1 + 4k / F). Every sample is counted as a full forward.
+      network costing F plus its sampling, 5 FLOPs per Bayesian entry for bnnconvert
+      (softplus, the sigma scale, normal draw, multiply, add) and 5 for bayesian-torch
+      (exp and log1p instead of softplus, no scale): S x (1 + 5k / F). Every sample is
+      counted as a full forward.
     - training step: deterministic (1 + b) x F with b the backward factor; a Bayesian
-      model (1 + b) x (S x (F + sampling) + KL), the KL costing about 11 FLOPs per
+      model (1 + b) x (S x (F + sampling) + KL), the KL costing about 12 FLOPs per
       Bayesian entry; the ensemble M deterministic steps. So a partial model costs about
       S x = 5x a deterministic step at any small r: the sampling and the KL are O(k), the
       network is paid in full for every sample. The preprint's Table 1 gives 3.36x (1 %),

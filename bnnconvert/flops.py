@@ -40,8 +40,9 @@ hardtanh, clamp, max), shape and memory ops relu, clamp, max, cat, view, reshape
 ==========================================  ===============================================
 
 So the Bayesian overhead of a converted layer is what it computes: per forward, for its k
-selected entries, k softplus + k normal draws + k multiplies + k additions (scatter_add in
-the sparse case, a dense add when every entry is Bayesian) = 4k FLOPs, paid once per
+selected entries, k softplus + k multiplies by the sigma scale t + k normal draws + k
+multiplies + k additions (scatter_add in the sparse case, a dense add when every entry is
+Bayesian) = 5k FLOPs, paid once per
 forward pass whatever the batch size. The sampling is attributed to the layer that owns
 the weights (also inside modules such as ``nn.MultiheadAttention`` that sample on behalf
 of their children) and reported separately as ``FlopReport.bayes_overhead``.

@@ -29,7 +29,7 @@ __all__ = ["convert_checkpoint", "posterior_summary"]
 def convert_checkpoint(
     checkpoint: str | os.PathLike | nn.Module,
     data: Iterable | None = None,
-    r_bayes: float | str = 0.01,
+    r_bayes: float | str | None = 0.01,
     *,
     arch: str | None = None,
     arch_kwargs: Mapping[str, Any] | None = None,
@@ -55,11 +55,14 @@ def convert_checkpoint(
         data: (input, target) batches of the training data: the saliency pass (criteria
             "grad2", "fisher", "variance"), the posterior fit and "auto".
         r_bayes: fraction of entries made Bayesian, in (0, 1], or "auto":
-            :func:`~bnnconvert.select_r_bayes` on ``val_data`` (needs ``data``).
+            :func:`~bnnconvert.select_r_bayes` on ``val_data`` (needs ``data``); None
+            with ready-made masks as ``saliency`` (e.g.
+            :func:`~bnnconvert.last_layer_masks`).
         arch, arch_kwargs, trust_pickle: see
             :func:`~bnnconvert.serialization.load_checkpoint`.
         criterion: saliency criterion when ``saliency`` is None.
-        saliency: a ready :class:`~bnnconvert.Saliency` or the path of a saved one.
+        saliency: a ready :class:`~bnnconvert.Saliency`, the path of a saved one, or
+            masks {parameter name: bool tensor} (with ``r_bayes=None``).
         output: if given, the converted model is written there with
             :func:`~bnnconvert.serialization.save`.
         loss_fn, num_batches, device: passed to :func:`~bnnconvert.compute_saliency`.
@@ -110,10 +113,15 @@ def convert_checkpoint(
 
 
 def _check_plan(r_bayes, data, posterior, val_data) -> None:
+    if val_data is not None and posterior is None and r_bayes != "auto":
+        raise ValueError(
+            "val_data calibrates a posterior: pass posterior='laplace' (post hoc, the "
+            "cheapest) or 'vi' as well, or leave val_data out"
+        )
     if r_bayes == "auto":
         if data is None or val_data is None:
             raise ValueError('r_bayes="auto" needs data=... (training) and val_data=...')
-    else:
+    elif r_bayes is not None:
         check_r_bayes(r_bayes)
     if posterior is not None:
         if posterior not in METHODS:

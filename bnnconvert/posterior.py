@@ -392,13 +392,18 @@ def predictive_nll(
 
 
 def fit_temperature(
-    outputs: Tensor, targets: Tensor, *, activation: str = "softmax", max_iter: int = 100
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    activation: str = "softmax",
+    max_iter: int = 100,
+    warn: bool = True,
 ) -> float:
     """The temperature T > 0 minimising :func:`predictive_nll` of S samples of outputs
     (S, N, ...): S = 1 is classical temperature scaling (Guo et al., 2017). Optimised over
     log T with LBFGS (strong-Wolfe line search) from T = 1, within
     [1 / MAX_TEMPERATURE, MAX_TEMPERATURE]: a model whose predictions are no better than
-    chance drives T to infinity; T then stops at the bound with a warning."""
+    chance drives T to infinity; T then stops at the bound, with a warning if ``warn``."""
     outputs = outputs.detach()
     bound = math.log(MAX_TEMPERATURE)
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
@@ -413,7 +418,7 @@ def fit_temperature(
 
     optimizer.step(closure)
     value = float(log_t.detach().clamp(-bound, bound).exp())
-    if abs(math.log(value)) >= bound - 1e-6:
+    if warn and abs(math.log(value)) >= bound - 1e-6:
         warnings.warn(
             f"the temperature reached its bound {value:g}: the predictions carry almost no "
             "information about the targets (is the model trained, are these the right "
@@ -473,7 +478,9 @@ def calibrate_posterior(
     def evaluate(t: float) -> None:
         set_sigma_scale(model, t)
         outputs, targets = _validation_outputs(model, val_data, samples, seed, device)
-        temp = fit_temperature(outputs, targets, activation=activation) if temperature else 1.0
+        temp = 1.0
+        if temperature:  # large t can make every prediction uninformative: T at its bound
+            temp = fit_temperature(outputs, targets, activation=activation, warn=False)
         nll = float(predictive_nll(outputs, targets, activation=activation, temperature=temp))
         curve.append((t, temp, nll))
 
@@ -486,6 +493,13 @@ def calibrate_posterior(
         best = min(curve, key=lambda row: row[2])
     set_sigma_scale(model, best[0])
     set_temperature(model, best[1])
+    if abs(math.log(best[1])) >= math.log(MAX_TEMPERATURE) - 1e-6:
+        warnings.warn(
+            f"the chosen temperature is at its bound {best[1]:g}: the model's predictions "
+            "carry almost no information about the validation targets (is it trained, are "
+            "these the right targets?)",
+            stacklevel=2,
+        )
     curve.sort()
     return Calibration(best[0], best[1], best[2], curve, samples, time.perf_counter() - start)
 

@@ -15,8 +15,8 @@ TOP_LEVEL = [
     "FlopReport", "PosteriorReport", "Prediction", "RSweep", "Saliency", "bayes_summary",
     "calibrate_posterior", "compare_method_costs", "compare_methods", "compute_saliency",
     "convert", "convert_checkpoint", "count_flops", "elbo_loss", "fit_posterior", "kl_loss",
-    "load", "load_checkpoint", "mean_weights", "predict", "predict_batches", "save",
-    "select_r_bayes", "to_deterministic", "training_cost",
+    "last_layer_masks", "load", "load_checkpoint", "mean_weights", "predict",
+    "predict_batches", "save", "select_r_bayes", "to_deterministic", "training_cost",
 ]  # fmt: skip
 
 

@@ -513,3 +513,16 @@ def test_indices_are_int32_and_int64_checkpoints_load(resnet):
     old[idx_keys[0]][-1] = 2**40  # beyond the tensor: int32 would wrap it silently
     with pytest.raises(RuntimeError, match=r"damaged or belongs to another architecture"):
         fresh.load_state_dict(old)
+
+
+def test_last_layer_masks_select_the_head_only(resnet, unet):
+    for model, head in ((resnet, "fc"), (unet, "head")):
+        masks = bnnconvert.last_layer_masks(model)
+        layer = model.get_submodule(head)
+        assert set(masks) == {f"{head}.{n}" for n, _ in layer.named_parameters()}
+        assert all(m.all() for m in masks.values())
+        pbnn = bnnconvert.convert(model, masks)
+        assert [name for name, _ in bayesian_layers(pbnn)] == [head]
+        assert bnnconvert.bayes_summary(pbnn).bayesian == sum(p.numel() for p in layer.parameters())
+    with pytest.raises(ValueError, match="no Linear/Conv"):
+        bnnconvert.last_layer_masks(nn.Sequential(nn.ReLU()))

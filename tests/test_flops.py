@@ -104,20 +104,21 @@ def test_overhead_is_the_hand_count_and_grows_with_k(small):
         report = count_flops(convert(small, "magnitude", r), x)
         k = report.bayesian_entries
         scatter = "add" if r == 1.0 else "scatter_add"  # dense: mu + noise
-        assert report.bayes_by_operator == {"softplus": k, "randn_like": k, "mul": k, scatter: k}
-        assert report.bayes_overhead == 4 * k
+        ops = {"softplus": k, "randn_like": k, "mul": 2 * k, scatter: k}  # mul: t, then eps
+        assert report.bayes_by_operator == ops
+        assert report.bayes_overhead == 5 * k
         assert report.deterministic_part == det.total  # the network itself is unchanged
         assert report.unsupported_ops == {}
         overheads.append(report.bayes_overhead)
     assert overheads == sorted(set(overheads))
-    assert overheads[-1] == 4 * _entries(small)  # r = 1: the dense case, every entry
+    assert overheads[-1] == 5 * _entries(small)  # r = 1: the dense case, every entry
 
 
 def test_overhead_is_attributed_to_the_owning_layer(small):
     report = count_flops(convert(small, "magnitude", 1.0), torch.randn(1, 3, 8, 8))
     for name, module in small.named_children():
         entries = sum(p.numel() for p in module.parameters()) if name != "bn" else 0
-        assert report.bayes_by_module.get(name, 0) == 4 * entries
+        assert report.bayes_by_module.get(name, 0) == 5 * entries
     assert sum(report.bayes_by_module.values()) == report.bayes_overhead
 
 
@@ -172,9 +173,9 @@ def test_training_cost_formula(small):
     cost = training_cost(pbnn, x, samples=5, steps=10, saliency_batches=3)
     k = cost.forward.bayesian_entries
     assert cost.forward.train and cost.backward_factor == 2.0
-    assert 11 * k <= cost.kl <= 11 * k + 30  # 11 elementwise ops per entry + per-tensor terms
+    assert 12 * k <= cost.kl <= 12 * k + 30  # 12 elementwise ops per entry + per-tensor terms
     assert cost.per_step == 3 * (5 * cost.forward.total + cost.kl)
-    assert cost.saliency == 3 * 3 * (cost.forward.total - 4 * k)
+    assert cost.saliency == 3 * 3 * (cost.forward.total - 5 * k)
     assert cost.per_run == 10 * cost.per_step + cost.saliency
     det = training_cost(small, x, steps=10)
     assert det.kl == 0 and det.per_run == 10 * 3 * det.forward.total
@@ -192,7 +193,7 @@ def test_compare_method_costs(small):
     partial = [rows[f"partial r = {r} %"] for r in (1, 5, 20)]
     assert [p.bayesian_entries for p in partial] == sorted(p.bayesian_entries for p in partial)
     for p in partial:
-        assert p.inference == 5 * (det.forward + 4 * p.bayesian_entries)
+        assert p.inference == 5 * (det.forward + 5 * p.bayesian_entries)
         assert mult[p.method]["train_step"] > 5.0
     ours = rows["Bayesian (bnnconvert, r = 100 %)"]
     bt = rows["Bayesian (bayesian-torch dnn_to_bnn)"]

@@ -34,6 +34,7 @@ from bnnconvert.methods import (
 from bnnconvert.methods.full_bayes import _zero_sigma
 from bnnconvert.metrics import evaluate
 from bnnconvert.models import UNet, resnet18
+from bnnconvert.posterior import MAX_TEMPERATURE
 
 ALL_METHODS = [
     "deterministic", "ensemble2", "partial1", "magnitude1", "random1", "bayesian",
@@ -398,7 +399,9 @@ def test_temperature_scaling_lowers_validation_nll(cls_data, cls_model):
         model.fc.weight.mul_(30)  # an overconfident classifier
     val = make_loader(Subset(demo_classification("val"), range(64)), 32, shuffle=False, seed=0)
     method = Deterministic(model, task="multiclass", temperature_scaling=True)
-    method.fit(cls_data, epochs=0, val_data=val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # T at its bound, see below
+        method.fit(cls_data, epochs=0, val_data=val)
     scaled = method.predict(val)
     temperature = method.temperature
 
@@ -408,8 +411,14 @@ def test_temperature_scaling_lowers_validation_nll(cls_data, cls_model):
 
     raw = nll_at(1.0)
     assert evaluate(scaled, task="multiclass")["nll"] < raw
-    # the fitted T is the validation NLL's minimum, and it softens the overconfident model
-    assert nll_at(temperature) <= min(nll_at(0.8 * temperature), nll_at(1.25 * temperature))
+    # the fitted T is the validation NLL's minimum within [1/100, 100] (this untrained
+    # classifier's NLL keeps falling towards T = infinity: T stops at the bound), and it
+    # softens the overconfident model
+    assert nll_at(temperature) <= nll_at(0.8 * temperature)
+    if temperature < MAX_TEMPERATURE:
+        assert nll_at(temperature) <= nll_at(1.25 * temperature)
+    else:
+        assert temperature == pytest.approx(MAX_TEMPERATURE)
     method.temperature = 1.0
     assert scaled.probs.max(1).values.mean() < method.predict(val).probs.max(1).values.mean()
 

@@ -320,3 +320,20 @@ def test_bad_arguments(trained):
         bnnconvert.calibrate_posterior(pbnn, [x], scales=[0.0])
     with pytest.raises(ValueError, match="scale"):
         set_sigma_scale(pbnn, float("nan"))
+
+
+def test_convert_checkpoint_fits_the_posterior_and_refuses_a_lone_val_data(trained):
+    model, x, y = trained
+    data, val = _loader(x, y), _loader(x[:120], y[:120])
+    masks = bnnconvert.last_layer_masks(model)
+    pbnn = bnnconvert.convert_checkpoint(
+        model, data, None, saliency=masks, posterior="laplace", val_data=val,
+        posterior_options={"samples": 4},
+    )  # fmt: skip
+    info = pbnn.bnnconvert_info["posterior"]
+    assert info["method"] == "laplace" and info["num_bayesian"] == 16 * 3 + 3
+    assert info["scale"] == sigma_scale(pbnn) and "calibration_curve" in info
+    with pytest.raises(ValueError, match="val_data calibrates a posterior"):
+        bnnconvert.convert_checkpoint(model, data, None, saliency=masks, val_data=val)
+    with pytest.raises(ValueError, match="needs data"):
+        bnnconvert.convert_checkpoint(model, None, None, saliency=masks, posterior="laplace")
