@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +27,15 @@ from .layers import (
 )
 from .saliency import FREE_CRITERIA, Saliency, check_r_bayes, compute_saliency
 
-__all__ = ["BayesSummary", "bayes_summary", "convert", "last_layer_masks", "to_deterministic"]
+__all__ = [
+    "BayesSummary",
+    "bayes_summary",
+    "convert",
+    "last_convertible_layers",
+    "last_layer_masks",
+    "layer_masks",
+    "to_deterministic",
+]
 
 INFO_ATTR = "bnnconvert_info"
 """Attribute of a converted model's root holding the conversion settings (a plain dict)."""
@@ -89,20 +97,44 @@ def convert(
     return model
 
 
-def last_layer_masks(model: nn.Module) -> dict[str, Tensor]:
-    """Masks selecting every weight and bias of the model's last convertible layer (the
-    last Linear / convolution in ``named_modules()`` order: a classifier's head, a
-    segmentation network's final convolution): ``convert(model, last_layer_masks(model))``
-    makes that layer fully Bayesian and leaves every other layer as it was."""
+def last_convertible_layers(model: nn.Module, n: int) -> list[str]:
+    """Names of the last ``n`` convertible layers (Linear/Conv/ConvTranspose) of ``model``
+    in registration order (``named_modules()``), which is the forward order of
+    sequential networks, torchvision's ResNets and :class:`bnnconvert.models.UNet`."""
+    names = [name for name, m in model.named_modules() if is_convertible(m)]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(names):
+        raise ValueError(
+            f"n must be an integer in 1..{len(names)} (the model's convertible layers), got {n!r}"
+        )
+    return names[-n:]
+
+
+def layer_masks(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
+    """All-True masks of the weight and bias of each named layer (for :func:`convert`)."""
     params = convertible_parameters(model)
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to select")
-    layer = next(reversed(params)).rpartition(".")[0]
-    return {
-        name: torch.ones(p.shape, dtype=torch.bool, device=p.device)
+    masks = {
+        name: torch.ones_like(p, dtype=torch.bool)
         for name, p in params.items()
-        if name.rpartition(".")[0] == layer
+        if name.rpartition(".")[0] in layers
     }
+    found = {name.rpartition(".")[0] for name in masks}
+    missing = [layer for layer in layers if layer not in found]
+    if missing:
+        raise ValueError(
+            f"no convertible layer named {missing[0]!r}; give names of Linear/Conv layers "
+            "as in model.named_modules()"
+        )
+    return masks
+
+
+def last_layer_masks(model: nn.Module) -> dict[str, Tensor]:
+    """Masks selecting every weight and bias of the model's last convertible layer (see
+    :func:`last_convertible_layers`: a classifier's head, a segmentation network's final
+    convolution): ``convert(model, last_layer_masks(model))`` makes that layer fully
+    Bayesian and leaves every other layer as it was."""
+    if not convertible_parameters(model):
+        raise ValueError(f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to select")
+    return layer_masks(model, last_convertible_layers(model, 1))
 
 
 def _resolve_masks(model, saliency, r_bayes, scope) -> tuple[dict[str, Tensor], dict]:

@@ -476,3 +476,31 @@ def test_entropy_auroc_matches_scikit_learn():
     seg = [predict(nn.Identity(), x, samples=1) for x in (seg_test, seg_ood)]
     expected = roc_auc_score(np.r_[np.zeros(6), np.ones(5)], score)
     assert entropy_auroc(*seg) == pytest.approx(expected, abs=1e-6)
+
+
+def test_posterior_methods_fit_and_calibrate_the_posterior():
+    """posterior_ll / laplaceP: convert, fit_posterior on the training data, calibrated on
+    val_data; the same sigma as fit_posterior called directly on the same conversion."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import bnnconvert
+    from bnnconvert.layers import bayesian_layers
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, :3].argmax(1)).long()
+    data, val = DataLoader(TensorDataset(x, y), 50), DataLoader(TensorDataset(x[:80], y[:80]), 40)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    method = get_method("posterior_ll", net, task="multiclass", samples=4)
+    method.fit(data, epochs=0, val_data=val)
+    assert method.report.method == "laplace" and method.report.calibration is not None
+    assert [name for name, _ in bayesian_layers(method.model)] == ["2"]
+    ref = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None, moped_delta=0.1)
+    bnnconvert.fit_posterior(ref, data, task="multiclass")
+    for (_, a), (_, b) in zip(bayesian_layers(method.model), bayesian_layers(ref)):
+        torch.testing.assert_close(a.bayes_rho("weight"), b.bayes_rho("weight"))
+    sparse = get_method("vi5", net, task="multiclass")
+    assert sparse.posterior == "vi" and sparse.r_bayes == 0.05
+    with pytest.raises(ValueError, match="posterior"):
+        SparseBayes(net, posterior="mcmc")

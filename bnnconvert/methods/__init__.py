@@ -15,8 +15,9 @@ See :class:`Method` for the protocol, :func:`get_method` for the names,
 for its report (what ``bnnconvert benchmark`` writes).
 """
 
+from ..convert import last_convertible_layers
 from ..metrics import entropy_auroc
-from .base import FitRun, Method, last_convertible_layers, reseed_data
+from .base import FitRun, Method, reseed_data
 from .checkpoint_ensemble import SWA, CheckpointEnsemble, checkpoint_epochs, lr_at
 from .comparison import (
     ComparisonReport,

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import check_positive_int, model_device
+from ..convert import last_convertible_layers
 from ..flops import count_flops, training_cost
-from ..layers import is_convertible
 from ..losses import LossFn, check_task, data_task, task_loss
 from ..predict import Prediction, eval_mode, stream_predictions
 from ..sampling import mc_outputs
@@ -362,18 +362,6 @@ def reseed_data(data: Iterable, seed: int) -> None:
     Loaders without a generator follow torch's global RNG (seeded by ``train(seed=)``)."""
     for g in loader_generators(data):
         g.manual_seed(seed)
-
-
-def last_convertible_layers(model: nn.Module, n: int) -> list[str]:
-    """Names of the last ``n`` convertible layers (Linear/Conv/ConvTranspose) of ``model``
-    in registration order (``named_modules()``), which is the forward order of
-    sequential networks, torchvision's ResNets and :class:`bnnconvert.models.UNet`."""
-    names = [name for name, m in model.named_modules() if is_convertible(m)]
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(names):
-        raise ValueError(
-            f"n must be an integer in 1..{len(names)} (the model's convertible layers), got {n!r}"
-        )
-    return names[-n:]
 
 
 class StackedBatch(nn.Module):

@@ -5,12 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..convert import convert
-from ..layers import convertible_parameters
-from .base import last_convertible_layers
+from ..convert import convert, last_convertible_layers, layer_masks
 from .variational import VariationalMethod
 
 __all__ = ["LastLayers", "layer_masks"]
@@ -26,7 +23,7 @@ class LastLayers(VariationalMethod):
         model, task, samples, name, beta, prior_mu, prior_sigma, rho_init, moped_delta:
             see :class:`~bnnconvert.methods.variational.VariationalMethod`.
         layers: n, the number of last convertible layers (Linear/Conv/ConvTranspose) in
-            registration order (:func:`~bnnconvert.methods.base.last_convertible_layers`),
+            registration order (:func:`~bnnconvert.convert.last_convertible_layers`),
             or explicit layer names.
     """
 
@@ -41,21 +38,3 @@ class LastLayers(VariationalMethod):
 
     def convert(self, model: nn.Module, train_data: Iterable, seed: int | None) -> nn.Module:
         return convert(model, layer_masks(model, self.layers), None, inplace=True, **self.prior)
-
-
-def layer_masks(model: nn.Module, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """All-True masks of the weight and bias of each named layer (for :func:`convert`)."""
-    params = convertible_parameters(model)
-    masks = {
-        name: torch.ones_like(p, dtype=torch.bool)
-        for name, p in params.items()
-        if name.rpartition(".")[0] in layers
-    }
-    found = {name.rpartition(".")[0] for name in masks}
-    missing = [layer for layer in layers if layer not in found]
-    if missing:
-        raise ValueError(
-            f"no convertible layer named {missing[0]!r}; give names of Linear/Conv layers "
-            "as in model.named_modules()"
-        )
-    return masks

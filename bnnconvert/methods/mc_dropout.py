@@ -47,7 +47,7 @@ class MonteCarloDropout(Method):
         model, task, samples, name: see :class:`~bnnconvert.methods.Method`.
         p: the dropout rate (nnU-Net checkpoint ensembles' MC-dropout baseline: 0.1).
         layers: n, the number of last convertible layers (registration order, see
-            :func:`~bnnconvert.methods.base.last_convertible_layers`) that get a dropout
+            :func:`~bnnconvert.convert.last_convertible_layers`) that get a dropout
             on their input, or explicit layer names.
 
     Dropout is active in training and prediction (:class:`MCDropout`); BatchNorm follows

@@ -35,6 +35,8 @@ _FIXED: dict[str, tuple[type[Method], dict[str, Any]]] = {
     "layer_ensemble": (LayerEnsemble, {}),
     "laplace_ll": (LaplaceLastLayer, {}),
     "laplace_ll_diag": (LaplaceLastLayer, {"hessian_structure": "diag"}),
+    "posterior_ll": (LastLayers, {"layers": 1, "posterior": "laplace", "moped_delta": 0.1}),
+    "vi_ll": (LastLayers, {"layers": 1, "posterior": "vi", "moped_delta": 0.1}),
 }
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -46,6 +48,13 @@ _PATTERNS: list[tuple[str, Callable[[re.Match], tuple[type[Method], dict[str, An
         lambda m: (SparseBayes, {"criterion": m[1], "r_bayes": float(m[2]) / 100}),
     ),
     (r"last_layers(\d+)", lambda m: (LastLayers, {"layers": int(m[1])})),
+    (
+        rf"(laplace|vi){_NUMBER}",
+        lambda m: (
+            SparseBayes,
+            {"posterior": m[1], "r_bayes": float(m[2]) / 100, "moped_delta": 0.1},
+        ),
+    ),
 ]
 
 METHOD_NAMES = (
@@ -54,6 +63,8 @@ METHOD_NAMES = (
     "partialP (grad2 at P %, e.g. partial1, partial5, partial20)",
     "magnitudeP, randomP, fisherP, grad2P (ablations, e.g. magnitude1, random1)",
     "last_layersN (the last N layers Bayesian)",
+    "laplaceP, viP (grad2 at P %, the posterior fitted by fit_posterior and calibrated on "
+    "the validation data, e.g. laplace1, vi1)",
 )
 """The names :func:`get_method` understands (patterns described in words); a hyphen
 may stand for an underscore ("laplace-ll")."""

@@ -1,4 +1,5 @@
-"""The shared base of the variational methods: convert the model, fine-tune with the ELBO."""
+"""The shared base of the variational methods: convert the model, then fine-tune with the
+ELBO or fit the posterior with :func:`bnnconvert.fit_posterior`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from ..elbo import BetaSchedule
+from ..posterior import METHODS, PosteriorReport, fit_posterior
 from ..training import TrainSettings
 from .base import FitRun, Method
 
@@ -28,6 +30,14 @@ class VariationalMethod(Method):
         prior_mu, prior_sigma: the Gaussian prior N(prior_mu, prior_sigma^2).
         rho_init: initial rho of the Bayesian entries, sigma = softplus(rho_init).
         moped_delta: MOPED initialisation sigma = moped_delta x |mu| instead of rho_init.
+        posterior: None (default: the ELBO fine-tuning above), or "laplace" / "vi" /
+            "paper": :func:`bnnconvert.fit_posterior` on the training data after the
+            conversion, calibrated on ``val_data`` when :meth:`fit` gets it (``epochs``
+            is the fine-tuning budget of "vi" and "paper"; "laplace" trains nothing).
+
+    Attributes:
+        report: the :class:`~bnnconvert.posterior.PosteriorReport` of the last fit with a
+            ``posterior`` (None otherwise).
     """
 
     stochastic = True
@@ -43,9 +53,14 @@ class VariationalMethod(Method):
         prior_sigma: float = 1.0,
         rho_init: float = -3.0,
         moped_delta: float | None = None,
+        posterior: str | None = None,
         name: str | None = None,
     ) -> None:
+        if posterior is not None and posterior not in METHODS:
+            raise ValueError(f"posterior must be None or one of {METHODS}, got {posterior!r}")
         super().__init__(model, task=task, samples=samples, name=name)
+        self.posterior = posterior
+        self.report: PosteriorReport | None = None
         self.beta = beta
         self.prior = {
             "prior_mu": prior_mu,
@@ -63,9 +78,23 @@ class VariationalMethod(Method):
 
     def train_model(self, run: FitRun) -> None:
         """Convert the given model (its weights become mu), then ``run.epochs`` epochs of
-        ELBO training (``val_data`` is not used)."""
+        ELBO training (``val_data`` is not used), or the ``posterior`` fit."""
         self.model = self.convert(self._fresh(), run.train_data, run.seed)
-        self.fine_tune(run)
+        if self.posterior is None:
+            self.fine_tune(run)
+            return
+        self.report = fit_posterior(
+            self.model,
+            run.train_data,
+            run.val_data,
+            method=self.posterior,
+            task=self.task,
+            epochs=max(run.epochs, 1),
+            samples=self.samples,
+            seed=run.seed or 0,
+            device=run.options.get("device"),
+            progress=bool(run.options.get("progress", False)),
+        )
 
     def fine_tune(self, run: FitRun) -> None:
         """ELBO training of the converted ``self.model`` (beta and S from the settings)."""
