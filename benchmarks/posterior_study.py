@@ -211,6 +211,11 @@ def _aurc(uncertainty: Tensor, risk: Tensor) -> float:
     return float(cum.mean())
 
 
+def _log_row(seed: int, name: str, row: dict[str, Any]) -> None:
+    floats = {k: round(v, 4) for k, v in row.items() if isinstance(v, float)}
+    log.info("seed %d %-40s %s", seed, name, floats)
+
+
 def per_item(preds: dict[str, Prediction], y: Tensor) -> dict[str, list[float]]:
     """What the paired bootstrap needs: per test item its NLL and error, and every entropy."""
     p = preds["test"].probs.double()
@@ -334,12 +339,7 @@ def run_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
         preds = run_predictor(predictor, sets, seed)
         results[name] = {**summarise(preds, y), **(info or {})}
         items[name] = per_item(preds, y)
-        log.info(
-            "seed %d %-40s %s",
-            seed,
-            name,
-            {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)},
-        )
+        _log_row(seed, name, results[name])
 
     record("checkpoint", logits_predictor(model))
     predictor, info = temperature_scaled(model, sets)
@@ -440,12 +440,7 @@ def run_segmentation_seed(seed: int, sets, folder: Path, quick: bool) -> dict[st
         torch.manual_seed(1000 + seed)
         results[name], bins[name] = segmentation_row(run(x), y)
         results[name].update(info or {})
-        log.info(
-            "seed %d %-34s %s",
-            seed,
-            name,
-            {k: round(v, 4) for k, v in results[name].items() if isinstance(v, float)},
-        )
+        _log_row(seed, name, results[name])
 
     record("checkpoint", logits_predictor(model))
     with torch.no_grad():

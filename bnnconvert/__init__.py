@@ -7,19 +7,13 @@ uncertainty.
 """
 
 from ._version import __version__ as __version__
+from .calibration import Calibration, calibrate_posterior
 from .convert import BayesSummary, bayes_summary, convert, last_layer_masks, to_deterministic
 from .costs import ComparisonTable, compare_method_costs, compare_methods
 from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
 from .flops import FlopReport, count_flops, training_cost
 from .pipeline import convert_checkpoint
-from .posterior import (
-    Calibration,
-    PosteriorReport,
-    RSweep,
-    calibrate_posterior,
-    fit_posterior,
-    select_r_bayes,
-)
+from .posterior import PosteriorReport, RSweep, fit_posterior, select_r_bayes
 from .predict import Prediction, mean_weights, predict, predict_batches
 from .saliency import Saliency, compute_saliency
 from .serialization import load, load_checkpoint, save

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._utils import split_batch
-from ..posterior import fit_temperature
+from ..calibration import fit_temperature
 from .base import FitRun, Method, model_outputs
 
 __all__ = ["Deterministic", "fit_temperature"]
@@ -22,7 +22,7 @@ class Deterministic(Method):
             accepted and ignored: one forward).
         temperature_scaling: after training, fit one temperature T > 0 on ``val_data``
             (required then) by minimising the validation NLL of logits / T
-            (:func:`bnnconvert.posterior.fit_temperature`, the function that also
+            (:func:`bnnconvert.calibration.fit_temperature`, the function that also
             calibrates the Bayesian models); predictions use logits / T.
             Classification: T scales the (N, C) logits of softmax or the (N, L) logits
             of sigmoid outputs. Segmentation: one T for

@@ -1,0 +1,258 @@
+"""Calibration on validation data: the sigma scale t and the predictive's temperature T.
+
+:func:`calibrate_posterior` chooses one scale t that multiplies every sigma of a converted
+model (t = 0: the model at its means) and a temperature T of the Monte Carlo predictive
+mean_s softmax(f_s / T), by the validation NLL (:func:`predictive_nll`). t lives in every
+Bayesian layer (``bayes_scale``, :func:`bnnconvert.layers.set_sigma_scale`), T in
+``model.bnnconvert_info["temperature"]`` (applied by :func:`bnnconvert.predict`); both are
+saved and loaded with the model. :func:`fit_temperature` is also the temperature scaling
+of the deterministic baseline (one sample).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._utils import eval_mode, model_device, split_batch
+from .convert import INFO_ATTR
+from .layers import bayesian_layers, set_sigma_scale
+from .losses import data_task
+from .sampling import mc_outputs
+
+__all__ = [
+    "DEFAULT_SCALES",
+    "MAX_TEMPERATURE",
+    "Calibration",
+    "calibrate_posterior",
+    "fit_temperature",
+    "predictive_nll",
+    "set_temperature",
+]
+
+MAX_TEMPERATURE = 100.0
+""":func:`fit_temperature` keeps T within [1 / MAX_TEMPERATURE, MAX_TEMPERATURE]."""
+
+DEFAULT_SCALES = (0.0, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+"""The sigma scales t tried by :func:`calibrate_posterior` (0: the means); the best
+positive one is then refined by a factor sqrt(2) on each side."""
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate_posterior` chose, and the validation NLL at every scale.
+
+    Attributes:
+        scale: t, the multiplier of every sigma (0: the means).
+        temperature: T of the predictive (1 when not fitted).
+        nll: the validation NLL of the predictive at (t, T).
+        curve: [(t, T fitted at t, validation NLL)] for every t tried, by t.
+        samples: S posterior samples per prediction.
+        seconds: wall time.
+    """
+
+    scale: float
+    temperature: float
+    nll: float
+    curve: list[tuple[float, float, float]]
+    samples: int
+    seconds: float = math.nan
+
+    def __str__(self) -> str:
+        return (
+            f"scale t = {self.scale:.4g}, temperature T = {self.temperature:.4g}, validation "
+            f"NLL {self.nll:.4f} ({len(self.curve)} scales tried, S = {self.samples})"
+        )
+
+
+def predictive_nll(
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    activation: str = "softmax",
+    temperature: float | Tensor = 1.0,
+) -> Tensor:
+    """The NLL of the Monte Carlo predictive mean_s p(y | outputs_s / T), averaged over
+    items (and pixels or labels), in float64.
+
+    Args:
+        outputs: (S, N, C, *spatial) logits for "softmax" (class dimension 2), or
+            (S, N, L, *spatial) for "sigmoid" (a Bernoulli per entry).
+        targets: (N, *spatial) class indices (or (N, 1, *spatial)); (N, L, *spatial) 0/1.
+        temperature: T > 0, a float or a scalar tensor (differentiable).
+    """
+    s = outputs.shape[0]
+    z = outputs.double() / temperature
+    if activation == "softmax":
+        y = targets.long().to(outputs.device)
+        if y.dim() == outputs.dim() - 1:  # (N, 1, *spatial) class indices
+            y = y.squeeze(1)
+        index = y.unsqueeze(0).unsqueeze(2).expand(s, *y.shape[:1], 1, *y.shape[1:])
+        picked = z.log_softmax(2).gather(2, index).squeeze(2)
+    elif activation == "sigmoid":
+        y = targets.to(outputs.device, torch.float64)
+        picked = y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z)
+    else:
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    return -(torch.logsumexp(picked, 0) - math.log(s)).mean()
+
+
+def fit_temperature(
+    outputs: Tensor,
+    targets: Tensor,
+    *,
+    activation: str = "softmax",
+    max_iter: int = 100,
+    warn: bool = True,
+) -> float:
+    """The temperature T > 0 minimising :func:`predictive_nll` of S samples of outputs
+    (S, N, ...): S = 1 is classical temperature scaling (Guo et al., 2017). Optimised over
+    log T with LBFGS (strong-Wolfe line search) from T = 1, within
+    [1 / MAX_TEMPERATURE, MAX_TEMPERATURE]: a model whose predictions are no better than
+    chance drives T to infinity; T then stops at the bound, with a warning if ``warn``."""
+    outputs = outputs.detach()
+    bound = math.log(MAX_TEMPERATURE)
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        t = log_t.clamp(-bound, bound).exp()
+        loss = predictive_nll(outputs, targets, activation=activation, temperature=t)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    value = float(log_t.detach().clamp(-bound, bound).exp())
+    if warn and abs(math.log(value)) >= bound - 1e-6:
+        warnings.warn(
+            f"the temperature reached its bound {value:g}: the predictions carry almost no "
+            "information about the targets (is the model trained, are these the right "
+            "targets?)",
+            stacklevel=2,
+        )
+    return value
+
+
+def calibrate_posterior(
+    model: nn.Module,
+    val_data: Iterable,
+    *,
+    task: str | None = None,
+    samples: int = 10,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    temperature: bool = True,
+    refine: bool = True,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> Calibration:
+    """Choose the sigma scale t, and the predictive's temperature T, on validation data.
+
+    For every t of ``scales`` the S posterior samples of each validation batch are drawn
+    with the same random numbers (common random numbers: the noise is t * sigma * eps with
+    the same eps), T is fitted by :func:`fit_temperature` (or stays 1), and the pair with
+    the lowest validation NLL wins; with ``refine``, t / sqrt(2) and t * sqrt(2) around the
+    best positive t are tried too. t = 0 is the model at its means (with T: temperature
+    scaling), so on the validation data the result is never worse than either. The
+    validation outputs are held in memory on the CPU (S x N x outputs). Cost: one pass of
+    S samples over the validation data per t.
+
+    The chosen t is written into every Bayesian layer (``bayes_scale``) and T into
+    ``model.bnnconvert_info["temperature"]``, which :func:`bnnconvert.predict` applies.
+
+    Args:
+        model: a converted model (its sigma fitted, e.g. by :func:`fit_posterior`).
+        val_data: (input, target) batches; never the test split.
+        task: "multiclass", "multilabel" or "segmentation" (default: the data's).
+        samples: S.
+        scales: the t to try (numbers >= 0).
+        temperature: fit T (else T = 1).
+        refine: refine the best positive t (see above).
+        seed: the random numbers shared by every t.
+        device: where to run (default: where the model is).
+
+    Returns a :class:`Calibration`.
+    """
+    scales = _check_scales(scales)
+    if not any(True for _ in bayesian_layers(model)):
+        raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
+    task = task or data_task(val_data) or "multiclass"
+    activation = "sigmoid" if task == "multilabel" else "softmax"
+    start = time.perf_counter()
+    curve: list[tuple[float, float, float]] = []
+
+    def evaluate(t: float) -> None:
+        set_sigma_scale(model, t)
+        outputs, targets = _validation_outputs(model, val_data, samples, seed, device)
+        temp = 1.0
+        if temperature:  # large t can make every prediction uninformative: T at its bound
+            temp = fit_temperature(outputs, targets, activation=activation, warn=False)
+        nll = float(predictive_nll(outputs, targets, activation=activation, temperature=temp))
+        curve.append((t, temp, nll))
+
+    for t in scales:
+        evaluate(t)
+    best = min(curve, key=lambda row: row[2])
+    if refine and best[0] > 0:
+        for t in (best[0] / math.sqrt(2), best[0] * math.sqrt(2)):
+            evaluate(t)
+        best = min(curve, key=lambda row: row[2])
+    set_sigma_scale(model, best[0])
+    set_temperature(model, best[1])
+    if abs(math.log(best[1])) >= math.log(MAX_TEMPERATURE) - 1e-6:
+        warnings.warn(
+            f"the chosen temperature is at its bound {best[1]:g}: the model's predictions "
+            "carry almost no information about the validation targets (is it trained, are "
+            "these the right targets?)",
+            stacklevel=2,
+        )
+    curve.sort()
+    return Calibration(best[0], best[1], best[2], curve, samples, time.perf_counter() - start)
+
+
+def _check_scales(scales: Sequence[float]) -> list[float]:
+    values = list(scales)
+    if not values:
+        raise ValueError("scales is empty; pass numbers >= 0, e.g. (0, 0.5, 1, 2)")
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise TypeError(f"scales must be numbers, got {t!r}")
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"scales must be finite numbers >= 0, got {t!r}")
+    return [float(t) for t in values]
+
+
+def _validation_outputs(
+    model: nn.Module, data: Iterable, samples: int, seed: int, device
+) -> tuple[Tensor, Tensor]:
+    """(S, N, ...) float32 CPU outputs and (N, ...) targets, under a forked RNG seeded
+    with ``seed`` (the caller's random state is left as it was)."""
+    where = torch.device(device) if device is not None else model_device(model)
+    outs, targets = [], []
+    with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with eval_mode(model), torch.no_grad():
+            for batch in data:
+                x, y = split_batch(batch)
+                if y is None:
+                    raise ValueError("val_data must yield (input, target) batches")
+                outs.append(mc_outputs(model, x.to(where), samples).float().cpu())
+                targets.append(y.cpu())
+    if not outs:
+        raise ValueError("val_data yielded no batch")
+    return torch.cat(outs, 1), torch.cat(targets)
+
+
+def set_temperature(model: nn.Module, value: float) -> None:
+    """Store the predictive's temperature T in a converted model's info."""
+    info = getattr(model, INFO_ATTR, None)
+    if not isinstance(info, dict):
+        raise ValueError("the model was not converted by bnnconvert.convert(); no info to store T")
+    info["temperature"] = float(value)
