@@ -113,6 +113,12 @@ def val_loader(sets) -> DataLoader:
     return DataLoader(TensorDataset(*sets["val"]), batch_size=250)
 
 
+BATCH = 25
+"""Items per forward when predicting: the items of a forward share its S weight draws, so
+a test split of 500 rests on 20 x S independent draws (calibrate_posterior chunks its
+validation batches the same way, by 32)."""
+
+
 # ---------------------------------------------------------------------- checkpoint
 def checkpoint(sets, seed: int, folder: Path, quick: bool) -> nn.Module:
     """The demo's step 1 (3 epochs, momentum 0.9) plus 1 epoch without momentum, cached."""
@@ -144,8 +150,8 @@ def run_predictor(predictor: Predictor, sets, seed: int) -> dict[str, Prediction
     return out
 
 
-def bayes_predictor(model: nn.Module, samples: int = SAMPLES) -> Predictor:
-    return lambda x: predict(model, x, samples, batch_size=500, keep_samples=False)
+def bayes_predictor(model: nn.Module, samples: int = SAMPLES, batch: int = BATCH) -> Predictor:
+    return lambda x: predict(model, x, samples, batch_size=batch, keep_samples=False)
 
 
 def logits_predictor(model: nn.Module, temperature: float = 1.0) -> Predictor:
@@ -248,7 +254,7 @@ def laplace_last_layer(model: nn.Module, sets, seed: int, mc: bool) -> tuple[Pre
         "prior_precision": float(method.prior_precision),
         "seconds": time.perf_counter() - start,
     }
-    return (lambda x: method.predict(x, batch_size=500, keep_samples=False)), info
+    return (lambda x: method.predict(x, batch_size=BATCH, keep_samples=False)), info
 
 
 def masks_last_layer(model: nn.Module) -> dict[str, Tensor]:
@@ -296,7 +302,7 @@ def at_means(pbnn: nn.Module) -> Predictor:
         scales = [float(layer.bayes_scale) for _, layer in bayesian_layers(pbnn)]
         set_sigma_scale(pbnn, 0.0)
         try:
-            return predict(pbnn, x, 1, batch_size=500, keep_samples=False)
+            return predict(pbnn, x, 1, batch_size=BATCH, keep_samples=False)
         finally:
             for (_, layer), value in zip(bayesian_layers(pbnn), scales):
                 layer.bayes_scale.fill_(value)
@@ -434,7 +440,7 @@ def run_segmentation_seed(seed: int, sets, folder: Path, quick: bool) -> dict[st
     x, y = sets["test"]
     results, bins = {}, {}
     train_data = make_loader(sets["train"], 10, shuffle=False, seed=seed)
-    val = DataLoader(TensorDataset(*sets["val"]), batch_size=8)
+    val = DataLoader(TensorDataset(*sets["val"]), batch_size=2)  # 2 tiles share a draw
 
     def record(name: str, run: Callable[[Tensor], Prediction], info: dict | None = None) -> None:
         torch.manual_seed(1000 + seed)
@@ -474,7 +480,7 @@ def run_segmentation_seed(seed: int, sets, folder: Path, quick: bool) -> dict[st
                 "prior_precision": report.prior_precision,
                 "timing": report.seconds,
             }
-            record(f"{method}, {selection}", bayes_predictor(pbnn, SAMPLES), info)
+            record(f"{method}, {selection}", bayes_predictor(pbnn, SAMPLES, 2), info)
             record(f"{method}, {selection} at its means", at_means(pbnn))
     return {"results": results, "bins": bins}
 
@@ -629,7 +635,11 @@ def markdown(report: dict[str, Any]) -> str:
                 if k in rows[0]
             ]
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    lines += ["", f"Default recipe chosen on validation NLL: **{report['default']}**."]
+    lines += [
+        "",
+        f"Default recipe (the lowest mean validation NLL; within 1 % of it, the "
+        f"cheapest): **{report['default']}**.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -716,6 +726,19 @@ def segmentation_main(args, folder: Path) -> None:
     print(text)
 
 
+def choose_default(seeds: list[dict], tolerance: float = 0.01) -> str:
+    """The candidate with the lowest mean validation NLL over the seeds, and among those
+    within ``tolerance`` (relative) of it the cheapest: Laplace before VI, the last layer
+    before grad2 (the rule of select_r_bayes: the smallest within 1 %)."""
+    mean = {
+        c: float(np.mean([s["results"][c]["val_nll"] for s in seeds]))
+        for c in seeds[0]["candidates"]
+    }
+    best = min(mean.values())
+    near = [c for c, v in mean.items() if v <= best * (1 + tolerance)]
+    return min(near, key=lambda c: (c.startswith("vi"), c.endswith("grad2"), mean[c]))
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
@@ -753,8 +776,7 @@ def main() -> None:
         for name in names
         if name != "temperature scaling"
     }
-    candidates = seeds[0]["candidates"]
-    default = min(candidates, key=lambda c: np.mean([s["results"][c]["val_nll"] for s in seeds]))
+    default = choose_default(seeds)
     report = {
         "machine": _machine(),
         "seconds": time.perf_counter() - start,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import eval_mode, model_device, split_batch
+from ._utils import check_positive_int, eval_mode, model_device, split_batch
 from .convert import INFO_ATTR
 from .layers import bayesian_layers, set_sigma_scale
 from .losses import data_task
@@ -150,6 +150,7 @@ def calibrate_posterior(
     scales: Sequence[float] = DEFAULT_SCALES,
     temperature: bool = True,
     refine: bool = True,
+    chunk: int | None = 32,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> Calibration:
@@ -175,12 +176,19 @@ def calibrate_posterior(
         scales: the t to try (numbers >= 0).
         temperature: fit T (else T = 1).
         refine: refine the best positive t (see above).
+        chunk: forward at most this many items at a time. A forward draws one weight
+            sample for its whole batch, so a validation batch of 250 with S = 10 rests on
+            10 draws; chunks of 32 give each group of 32 items its own draws (the same
+            FLOPs), which makes the validation NLL of every t far less noisy. None: the
+            batches as given.
         seed: the random numbers shared by every t.
         device: where to run (default: where the model is).
 
     Returns a :class:`Calibration`.
     """
     scales = _check_scales(scales)
+    if chunk is not None:
+        check_positive_int(chunk=chunk)
     if not any(True for _ in bayesian_layers(model)):
         raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
     task = task or data_task(val_data) or "multiclass"
@@ -190,7 +198,7 @@ def calibrate_posterior(
 
     def evaluate(t: float) -> None:
         set_sigma_scale(model, t)
-        outputs, targets = _validation_outputs(model, val_data, samples, seed, device)
+        outputs, targets = _validation_outputs(model, val_data, samples, seed, device, chunk)
         temp = 1.0
         if temperature:  # large t can make every prediction uninformative: T at its bound
             temp = fit_temperature(outputs, targets, activation=activation, warn=False)
@@ -230,7 +238,7 @@ def _check_scales(scales: Sequence[float]) -> list[float]:
 
 
 def _validation_outputs(
-    model: nn.Module, data: Iterable, samples: int, seed: int, device
+    model: nn.Module, data: Iterable, samples: int, seed: int, device, chunk: int | None
 ) -> tuple[Tensor, Tensor]:
     """(S, N, ...) float32 CPU outputs and (N, ...) targets, under a forked RNG seeded
     with ``seed`` (the caller's random state is left as it was)."""
@@ -243,7 +251,8 @@ def _validation_outputs(
                 x, y = split_batch(batch)
                 if y is None:
                     raise ValueError("val_data must yield (input, target) batches")
-                outs.append(mc_outputs(model, x.to(where), samples).float().cpu())
+                for part in x.split(chunk or len(x)):
+                    outs.append(mc_outputs(model, part.to(where), samples).float().cpu())
                 targets.append(y.cpu())
     if not outs:
         raise ValueError("val_data yielded no batch")

@@ -68,6 +68,7 @@ from ._utils import check_positive_int, first_line, model_device
 from .convert import num_bayesian
 from .elbo import kl_loss
 from .layers import BayesianLayer, bayesian_layers
+from .sampling import hoist_plan
 
 with warnings.catch_warnings():  # fvcore.nn scripts a loss at import: a FutureWarning
     warnings.simplefilter("ignore")
@@ -80,6 +81,7 @@ __all__ = [
     "TrainingCost",
     "convention_note",
     "count_flops",
+    "count_prediction_flops",
     "format_flops",
     "training_cost",
 ]
@@ -613,3 +615,31 @@ def _kl_flops(model: nn.Module, device) -> tuple[int, dict[str, int]]:
         total = fca.total()
     _log_unsupported(fca.unsupported_ops())
     return round(total), dict(fca.unsupported_ops())
+
+
+def count_prediction_flops(
+    model: nn.Module,
+    inputs: Tensor,
+    samples: int,
+    *,
+    convention: str = "fma",
+) -> int:
+    """FLOPs of one Monte Carlo prediction of ``samples`` draws, as
+    :func:`bnnconvert.sampling.mc_outputs` runs it: where torch.fx can split the model,
+    the deterministic prefix once and the stochastic suffix ``samples`` times; otherwise
+    ``samples`` full forwards (the same as ``count_flops(model, inputs,
+    samples=samples).total``). Eval mode, ``inputs`` one batch (N, ...).
+
+    A model whose Bayesian entries sit in its last layer costs about one forward whatever
+    ``samples``; one with entries in its first layer, ``samples`` forwards.
+    """
+    check_positive_int(samples=samples)
+    work = copy.deepcopy(model).eval()
+    plan = hoist_plan(work)
+    if plan is None:
+        return count_flops(work, inputs, samples=samples, convention=convention).total
+    with torch.no_grad():
+        hoisted = plan.prefix(inputs)
+    prefix = count_flops(plan.prefix, inputs, convention=convention).total
+    suffix = count_flops(plan.suffix, tuple(hoisted), convention=convention).total
+    return prefix + samples * suffix

@@ -414,10 +414,11 @@ def predict(
     Bayesian layers keep sampling), then restores every module's training flag. A model
     calibrated by :func:`bnnconvert.calibrate_posterior` predicts with its stored
     temperature T (probabilities of outputs / T; ``activation="none"`` returns the raw
-    outputs). A deterministic model gives S identical samples (mutual information 0). The
-    result is
-    reproducible under ``torch.manual_seed`` (note that iterating a DataLoader draws its
-    base seed from the global RNG unless it was given its own ``generator``).
+    outputs). A deterministic model gives S identical samples (mutual information 0). Each
+    forward draws one weight sample for its whole batch: the items of a batch share their
+    S draws, so smaller batches give more independent draws (for the same FLOPs). The
+    result is reproducible under ``torch.manual_seed`` (note that iterating a DataLoader
+    draws its base seed from the global RNG unless it was given its own ``generator``).
 
     Args:
         model: any nn.Module mapping a batch (N, ...) to outputs (N, C, ...).

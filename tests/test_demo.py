@@ -132,8 +132,13 @@ def test_parameters_and_costs_follow_the_recipe(cli_run):
         assert rows["deterministic (step 1)"]["train_flops_x"] == pytest.approx(p / (p + e))
         assert rows[PAPER]["train_flops_x"] == pytest.approx((p + 1 + e * samples) / (p + e))
         assert rows[NAME[kind]]["train_flops_x"] > 1.0
-        for name in (PAPER, NAME[kind]):
-            assert rows[name]["inference_flops_x"] == pytest.approx(eval_samples, rel=0.02)
+        # S forwards when the first layers are Bayesian (the grad2 top 1 % reaches conv1);
+        # about one when only the last layer is: the S draws share the rest (hoisting)
+        assert rows[PAPER]["inference_flops_x"] == pytest.approx(eval_samples, rel=0.02)
+        if selection == "grad2":
+            assert rows[NAME[kind]]["inference_flops_x"] == pytest.approx(eval_samples, rel=0.02)
+        else:
+            assert 1.0 < rows[NAME[kind]]["inference_flops_x"] < 1.05
         assert rows[f"{NAME[kind]}, at its means"]["inference_flops_x"] == pytest.approx(1.0)
 
 

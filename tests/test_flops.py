@@ -256,3 +256,23 @@ def test_cuda_model_is_counted_where_it_is():
     assert next(pbnn.parameters()).device.type == "cuda"
     table = compare_method_costs(pbnn, torch.randn(2, 3, 32, 32, device="cuda"), r_values=(0.01,))
     assert table.device.startswith("cuda") and len(table.rows) == 5
+
+
+def test_prediction_flops_count_the_hoisted_prefix_once():
+    """A last-layer Bayesian ResNet18: the S draws share the network up to the pooled
+    features, so S samples cost one forward + (S - 1) fc products + S samplings of the
+    k = 5,130 entries (5 FLOPs each); a model that cannot be split costs S forwards."""
+    from bnnconvert.convert import last_layer_masks
+    from bnnconvert.flops import count_prediction_flops
+    from bnnconvert.models import resnet18
+
+    torch.manual_seed(0)
+    det = resnet18(10, 1).eval()
+    x = torch.randn(4, 1, 28, 28)
+    pbnn = convert(det, last_layer_masks(det))
+    k, s = 5130, 7
+    base = count_flops(det, x).total
+    fc = 4 * 512 * 10  # fvcore counts the multiply-adds of addmm (the bias add is free)
+    assert count_prediction_flops(pbnn, x, s) == base + (s - 1) * fc + s * 5 * k
+    stem = convert(det, {"conv1.weight": torch.ones(64, 1, 7, 7, dtype=torch.bool)}, None)
+    assert count_prediction_flops(stem, x, s) == count_flops(stem, x, samples=s).total
