@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-quick lint format docs bench clean
+.PHONY: demo test test-quick lint format docs bench notebooks clean
 
 demo: $(STAMP)  ## train, convert and evaluate on the bundled real data (under 10 min on 2 cores)
 	$(VENV)/bin/bnnconvert demo
@@ -26,6 +26,9 @@ format: $(STAMP)
 
 docs: $(STAMP)  ## build the documentation site (strict) into site/
 	$(PY) -m mkdocs build --strict
+
+notebooks: $(STAMP)  ## re-execute the example notebooks at full budget, outputs stored in place
+	OMP_NUM_THREADS=1 $(PY) tools/run_notebooks.py
 
 bench: $(STAMP)  ## speed and memory ratios, written to docs/benchmarks.md (core, then the posterior's section)
 	$(PY) benchmarks/bench_core.py --markdown docs/benchmarks.md --json benchmarks/results.json

@@ -160,12 +160,13 @@ def state_bytes(model: nn.Module) -> int:
 
 
 def check_formula(det: nn.Module, v: Variant) -> bool:
-    """Parameters of ours = original + k; buffers = original + idx entries + 2 per layer
-    (counts of entries; the bytes are in memory_ratio)."""
+    """Parameters of ours = original + k; buffers = original + idx entries + 3 per layer
+    (the prior's mean and sigma, the sigma scale t; counts of entries; the bytes are in
+    memory_ratio)."""
     layers = [m for _, m in bayesian_layers(v.model)]
     idx = sum(m._buffers[f"{n}_idx"].numel() for m in layers for n in m.bayes_names)
     params_ok = _count(v.model.parameters()) == _count(det.parameters()) + v.k
-    buffers_ok = _count(v.model.buffers()) == _count(det.buffers()) + idx + 2 * len(layers)
+    buffers_ok = _count(v.model.buffers()) == _count(det.buffers()) + idx + 3 * len(layers)
     return params_ok and buffers_ok
 
 
