@@ -53,7 +53,7 @@ CLASSIFICATION_ROWS = (
 SEGMENTATION_ROWS = (
     "checkpoint",
     "temperature scaling",
-    "posterior (vi, grad2 1 %)",
+    "posterior (laplace, grad2 1 %)",
     "posterior at its means",
 )
 NUMBER = r"-?\d+(?:\.\d+)?"
@@ -188,7 +188,13 @@ def check_classification(nb, quick: bool) -> None:
     if not quick:  # the full budget: the photographs are told from the digits
         assert all(row["ood_auroc"] > 0.6 for row in table.values())
         assert scaled["nll"] < checkpoint["nll"]  # temperature scaling helps this checkpoint
-    assert re.search(r"posterior \(laplace, last layer\): [\d.]+x the checkpoint's", stdout)
+    # the prediction's FLOPs with the hoisted prefix counted once: the last layer's S draws
+    # cost about one forward, the grad2 selection (from conv1 on) S forwards
+    flops = dict(re.findall(r"posterior \((laplace, [^)]+)\): [\d.]+x the checkpoint's "
+                            r"prediction time .*?, ([\d.]+)x its FLOPs \(the hoisted", stdout))
+    assert set(flops) == {"laplace, last layer", "laplace, grad2 1 %"}
+    assert 1 <= float(flops["laplace, last layer"]) < 1.05
+    assert float(flops["laplace, grad2 1 %"]) == pytest.approx(10, rel=0.02)  # S = 10
     # the curve, two reliability diagrams, the entropy histograms
     assert len(images(nb)) == 4
 
@@ -196,12 +202,14 @@ def check_classification(nb, quick: bool) -> None:
 def check_segmentation(nb, quick: bool) -> None:
     stdout = text(nb)
     assert DATA_LINE[SEGMENTATION][quick] in stdout
-    assert "recommended recipe for segmentation: bnnconvert: vi, grad2" in stdout
+    assert "recommended recipe for segmentation: bnnconvert: laplace, grad2" in stdout
     model = UNet(in_channels=1, num_classes=2, base=8 if quick else 16)
     entries = sum(p.numel() for p in convertible_parameters(model).values())
     k = round(0.01 * entries)
     assert re.search(rf"total\s+{entries:,}\s+{k:,}\s+1\.00%", stdout)
-    assert f"posterior: vi, {k:,} Bayesian entries" in stdout and "epochs: 2" in stdout
+    # Laplace: a curvature pass and no training epoch
+    assert f"posterior: laplace, {k:,} Bayesian entries" in stdout
+    assert "time: curvature" in stdout and "epochs:" not in stdout
     t, _ = check_calibration(stdout, 0)
 
     table = metrics_table(stdout, SEGMENTATION_ROWS, ["dice", "iou", "nll", "ece"])
@@ -213,7 +221,7 @@ def check_segmentation(nb, quick: bool) -> None:
     assert scaled["dice"] == checkpoint["dice"]  # a temperature keeps every pixel's class
     assert table["posterior at its means"]["dice"] == checkpoint["dice"]  # means = checkpoint
     if t == 0:
-        assert table["posterior (vi, grad2 1 %)"] == scaled
+        assert table["posterior (laplace, grad2 1 %)"] == scaled
     pixels = re.findall(r"on the ([\d,]+) wrong pixels, [\d.]+ on the ([\d,]+) right", stdout)
     assert len(pixels) == 2
     for wrong, right in pixels:
