@@ -14,11 +14,12 @@ from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
 from .flops import FlopReport, count_flops, training_cost
 from .pipeline import convert_checkpoint
 from .posterior import PosteriorReport, RSweep, fit_posterior, select_r_bayes
-from .predict import Prediction, mean_weights, predict, predict_batches
+from .predict import BatchFormat, Prediction, mean_weights, predict, predict_batches
 from .saliency import Saliency, compute_saliency
 from .serialization import load, load_checkpoint, save
 
 __all__ = [
+    "BatchFormat",
     "BayesSummary",
     "BetaSchedule",
     "Calibration",

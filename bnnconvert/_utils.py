@@ -17,30 +17,43 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 __all__ = [
+    "BatchFormat",
+    "Inputs",
+    "TupleCollate",
+    "as_batch_format",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_text",
+    "batch_length",
+    "call_arguments",
+    "call_model",
     "check_output_folder",
     "check_output_path",
     "check_payload",
     "check_positive_int",
+    "chunk_inputs",
     "first_line",
+    "inputs_device",
     "is_main_process",
     "json_safe",
     "load_payload",
     "model_device",
+    "move_inputs",
     "resolve_factory",
     "split_batch",
+    "tuple_batches",
 ]
 
 FACTORY_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -211,36 +224,304 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None if tensor is None else tensor.device
 
 
+Inputs = Tensor | Mapping[str, Tensor]
+"""What a model is called with: one positional tensor (N, ...), or keyword tensors
+{argument name: (N, ...)}, called as ``model(**inputs)`` (see :func:`call_model`)."""
+
+
+@dataclass(frozen=True)
+class BatchFormat:
+    """How to read batches and model outputs: the one adapter that every function
+    consuming data takes as ``batch_format=`` (None: the default ``BatchFormat()``).
+
+    Batches may be input tensors (N, ...), (input, target, ...) sequences, or mappings
+    such as MONAI's ``{"image": ..., "label": ...}`` or Hugging Face's
+    ``{"pixel_values": ..., "labels": ...}``. Models may return a tensor, an object with
+    ``.logits`` (a Hugging Face ``ModelOutput`` or any dataclass), a mapping with a
+    ``"logits"`` entry, or a tuple or list whose first item is the logits.
+
+    Attributes:
+        input_key: for mapping batches, the key of the input, passed positionally
+            (``model(batch[key])``), or a list of keys passed as keyword arguments
+            (``model(**{k: batch[k] for k in keys})``, e.g. ``["pixel_values"]``). None:
+            mapping batches are refused. Tensor and sequence batches are read as
+            (input, target, ...) whatever the keys; a one-key list names the keyword of
+            their input.
+        target_key: the key of the target in mapping batches (None: no target). Where no
+            target is needed (prediction), a batch without it has none.
+        output_fn: model output -> logits tensor (N, C, ...); None: the output itself if
+            it is a tensor, else its ``.logits``, its ``["logits"]``, or its first item if
+            it is a tuple or list, in that order.
+
+    Raises TypeError for keys or an ``output_fn`` of the wrong type.
+    """
+
+    input_key: str | Sequence[str] | None = None
+    target_key: str | None = None
+    output_fn: Callable[[Any], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        key = self.input_key
+        if isinstance(key, (list, tuple)):
+            if not key or not all(isinstance(k, str) for k in key):
+                raise TypeError(f"input_key must be a key or a non-empty list of keys, got {key!r}")
+            object.__setattr__(self, "input_key", tuple(key))
+        elif key is not None and not isinstance(key, str):
+            raise TypeError(f"input_key must be a key or a list of keys, got {key!r}")
+        if self.target_key is not None and not isinstance(self.target_key, str):
+            raise TypeError(f"target_key must be a key (a string), got {self.target_key!r}")
+        if self.output_fn is not None and not callable(self.output_fn):
+            raise TypeError(
+                f"output_fn must be a function (model output -> logits tensor), got "
+                f"{type(self.output_fn).__name__}"
+            )
+
+    @property
+    def keywords(self) -> bool:
+        """True when the inputs are passed as keyword arguments (``input_key`` a list)."""
+        return isinstance(self.input_key, tuple)
+
+    def split(
+        self, batch: Any, device: torch.device | str | None = None, *, need_target: bool = False
+    ) -> tuple[Inputs, Tensor | None]:
+        """(inputs, target or None) of one batch, both moved to ``device`` if given.
+
+        Raises TypeError for a batch it cannot read and, with ``need_target``, for one
+        without a target; ValueError for a key the batch lacks (the target key only
+        with ``need_target``).
+        """
+        if isinstance(batch, Mapping):
+            x, target = self._split_mapping(batch, need_target)
+        else:
+            x, target = _split_sequence(batch)
+            if self.keywords:
+                if len(self.input_key) != 1:
+                    raise TypeError(
+                        f"input_key={list(self.input_key)} reads several inputs from mapping "
+                        f"batches; got a batch of type {type(batch).__name__}"
+                    )
+                x = {self.input_key[0]: x}
+        if need_target and target is None:
+            raise TypeError(
+                "each batch must be an (input, target) pair, e.g. from a DataLoader over a "
+                f"TensorDataset, or a mapping read with target_key=...; got {type(batch).__name__}"
+            )
+        if device is not None:
+            x = move_inputs(x, device)
+            target = None if target is None else target.to(device, non_blocking=True)
+        return x, target
+
+    def _split_mapping(self, batch: Mapping, need_target: bool) -> tuple[Inputs, Tensor | None]:
+        if self.input_key is None:
+            raise TypeError(
+                f"cannot read a batch of type {type(batch).__name__} with keys "
+                f"{_keys(batch)}: expected a tensor or an (input, target) pair, or pass "
+                "input_key=... (and target_key=...) naming the mapping's input and target"
+            )
+        if self.keywords:
+            x: Inputs = {k: _entry(batch, k, "input_key") for k in self.input_key}
+        else:
+            x = _entry(batch, self.input_key, "input_key")
+        target = None
+        if self.target_key is not None and (need_target or self.target_key in batch):
+            target = _entry(batch, self.target_key, "target_key")
+        return x, target
+
+    def output(self, out: Any) -> Tensor:
+        """The logits tensor of a model output (see ``output_fn``); TypeError if there is
+        none."""
+        if self.output_fn is not None:
+            value = self.output_fn(out)
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"output_fn returned {type(value).__name__}, not a tensor; make it return "
+                    "the logits tensor (N, C, ...) of the model's output"
+                )
+            return value
+        return _default_output(out)
+
+    def forward(self, model: nn.Module, inputs: Inputs) -> Tensor:
+        """``model`` called on ``inputs`` (:func:`call_model`), its logits read by
+        :meth:`output`."""
+        return self.output(call_model(model, inputs))
+
+
+def as_batch_format(batch_format: BatchFormat | None) -> BatchFormat:
+    """``batch_format``, or the default ``BatchFormat()`` for None; TypeError otherwise."""
+    if batch_format is None:
+        return _DEFAULT_FORMAT
+    if not isinstance(batch_format, BatchFormat):
+        raise TypeError(
+            f"batch_format must be a BatchFormat, got {type(batch_format).__name__}; build one "
+            "with BatchFormat(input_key=..., target_key=..., output_fn=...)"
+        )
+    return batch_format
+
+
+_DEFAULT_FORMAT = BatchFormat()
+
+
+def _keys(batch: Mapping) -> list:
+    return sorted(map(str, batch))
+
+
+def _entry(batch: Mapping, key: str, argument: str) -> Tensor:
+    if key not in batch:
+        raise ValueError(
+            f"{argument} {key!r} is not a key of the batch (keys: {_keys(batch)}); pass "
+            f"{argument}=... naming one of them"
+        )
+    value = batch[key]
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"batch[{key!r}] ({argument}) is a {type(value).__name__}, not a tensor; collate "
+            "the batches into tensors (e.g. with a DataLoader)"
+        )
+    return value
+
+
+def _split_sequence(batch: Any) -> tuple[Tensor, Tensor | None]:
+    """(input, target or None) of a tensor or an (input, target, ...) sequence."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        target = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
+        return batch[0], target
+    raise TypeError(
+        f"cannot read a batch of type {type(batch).__name__}: expected a tensor, an "
+        "(input, target) pair of tensors, or a mapping read with input_key=... and "
+        "target_key=..."
+    )
+
+
+def _default_output(out: Any) -> Tensor:
+    """The output itself, its ``.logits``, its ``["logits"]`` or its first item."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    what = f" with keys {_keys(out)}" if isinstance(out, Mapping) else ""
+    raise TypeError(
+        f"cannot read logits from a model output of type {type(out).__name__}{what}: "
+        "expected a tensor, an object with a .logits tensor, a mapping with a 'logits' "
+        "tensor, or a tuple whose first item is a tensor; pass output_fn=a function "
+        "(output -> logits tensor), e.g. output_fn=lambda out: out['seg']"
+    )
+
+
+def call_arguments(inputs: Inputs) -> tuple[tuple, dict[str, Tensor]]:
+    """(args, kwargs) of a call on ``inputs``: ((), inputs) for keyword inputs, else
+    ((inputs,), {})."""
+    return ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
+
+
+def call_model(model: Callable[..., Any], inputs: Inputs) -> Any:
+    """``model(**inputs)`` for keyword inputs, else ``model(inputs)``."""
+    args, kwargs = call_arguments(inputs)
+    return model(*args, **kwargs)
+
+
+def batch_length(inputs: Inputs) -> int:
+    """N, the batch size of ``inputs`` (of its first tensor for keyword inputs)."""
+    if isinstance(inputs, Mapping):
+        return next(iter(inputs.values())).shape[0]
+    return inputs.shape[0]
+
+
+def inputs_device(inputs: Inputs) -> torch.device:
+    """Where ``inputs`` are (their first tensor for keyword inputs)."""
+    if isinstance(inputs, Mapping):
+        return next(iter(inputs.values())).device
+    return inputs.device
+
+
+def move_inputs(inputs: Inputs, device: torch.device | str) -> Inputs:
+    """``inputs`` on ``device`` (every tensor of keyword inputs)."""
+    if isinstance(inputs, Mapping):
+        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True)
+
+
+def chunk_inputs(inputs: Inputs, size: int) -> list[Inputs]:
+    """``inputs`` split along N into chunks of ``size`` items (the last may be smaller)."""
+    if isinstance(inputs, Mapping):
+        parts = {k: v.split(size) for k, v in inputs.items()}
+        return [dict(zip(parts, chunk)) for chunk in zip(*parts.values())]
+    return list(inputs.split(size))
+
+
+@dataclass(frozen=True)
+class TupleCollate:
+    """A DataLoader ``collate_fn`` giving (input, target) tuples, or (input,) without a
+    target, of mapping items: ``collate`` (None: the items are already a batch), then
+    ``batch_format.split``. Picklable (for worker processes) when ``collate`` is."""
+
+    batch_format: BatchFormat
+    collate: Callable[[Any], Any] | None = None
+
+    def __call__(self, items: Any) -> tuple[Tensor, ...]:
+        batch = items if self.collate is None else self.collate(items)
+        x, target = self.batch_format.split(batch)
+        return (x,) if target is None else (x, target)
+
+
+class _TupleBatches:
+    """An iterable's batches read by a :class:`TupleCollate` (its length kept)."""
+
+    def __init__(self, data: Iterable, read: TupleCollate) -> None:
+        self.data, self.read = data, read
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        return map(self.read, self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)  # a TypeError for an iterable without a length, as len()
+
+
+def tuple_batches(data: Iterable, batch_format: BatchFormat) -> Iterable:
+    """``data`` yielding (input, target) tuples read by ``batch_format`` (a positional
+    ``input_key``): for code that takes tuple batches, such as the command line's
+    ``--input-key``/``--target-key``. A DataLoader is kept (its sampler, generator,
+    workers, dataset and length) with its ``collate_fn`` wrapped in place; any other
+    iterable is read batch by batch.
+
+    Raises ValueError for keyword inputs (a list of keys): a tuple has no keywords.
+    """
+    if batch_format.keywords:
+        raise ValueError(
+            f"input_key={list(batch_format.input_key)} passes keyword inputs, which tuple "
+            "batches cannot carry; pass one key, or the mapping batches with batch_format=..."
+        )
+    if isinstance(data, DataLoader):
+        data.collate_fn = TupleCollate(batch_format, data.collate_fn)
+        return data
+    return _TupleBatches(data, TupleCollate(batch_format))
+
+
 def split_batch(
-    batch: Any, device: torch.device | str | None = None, *, need_target: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """(input, target or None) of a batch: a tensor, or a sequence (input, target, ...).
+    batch: Any,
+    device: torch.device | str | None = None,
+    *,
+    need_target: bool = False,
+    batch_format: BatchFormat | None = None,
+) -> tuple[Inputs, Tensor | None]:
+    """(inputs, target or None) of a batch, read by ``batch_format``
+    (:meth:`BatchFormat.split`).
 
     Args:
-        batch: an input tensor (N, ...), or a tuple/list whose first item is the input
-            and whose second (if a tensor) is the target.
+        batch: an input tensor (N, ...), a tuple/list whose first item is the input and
+            whose second (if a tensor) is the target, or a mapping read with the keys of
+            ``batch_format``.
         device: where to move both (None: leave them where they are).
         need_target: raise TypeError unless the batch holds a target (training).
+        batch_format: a :class:`BatchFormat`; None: tensors and sequences only.
     """
-    if isinstance(batch, Tensor):
-        x, target = batch, None
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        x = batch[0]
-        target = batch[1] if len(batch) > 1 and isinstance(batch[1], Tensor) else None
-    else:
-        raise TypeError(
-            f"cannot read a batch of type {type(batch).__name__}: expected a tensor or an "
-            "(input, target) pair of tensors; wrap other datasets to yield one of these"
-        )
-    if need_target and target is None:
-        raise TypeError(
-            "each batch must be an (input, target) pair, e.g. from a DataLoader over a "
-            f"TensorDataset; got {type(batch).__name__}"
-        )
-    if device is not None:
-        x = x.to(device, non_blocking=True)
-        target = None if target is None else target.to(device, non_blocking=True)
-    return x, target
+    return as_batch_format(batch_format).split(batch, device, need_target=need_target)
 
 
 @contextmanager

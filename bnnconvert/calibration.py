@@ -21,7 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import check_positive_int, eval_mode, model_device, split_batch
+from ._utils import (
+    BatchFormat,
+    as_batch_format,
+    batch_length,
+    check_positive_int,
+    chunk_inputs,
+    eval_mode,
+    model_device,
+    move_inputs,
+)
 from .convert import INFO_ATTR
 from .layers import bayesian_layers, set_sigma_scale
 from .losses import data_task
@@ -153,6 +162,7 @@ def calibrate_posterior(
     chunk: int | None = 32,
     seed: int = 0,
     device: str | torch.device | None = None,
+    batch_format: BatchFormat | None = None,
 ) -> Calibration:
     """Choose the sigma scale t, and the predictive's temperature T, on validation data.
 
@@ -183,10 +193,13 @@ def calibrate_posterior(
             batches as given.
         seed: the random numbers shared by every t.
         device: where to run (default: where the model is).
+        batch_format: how to read mapping batches and structured outputs
+            (:class:`bnnconvert.BatchFormat`).
 
     Returns a :class:`Calibration`.
     """
     scales = _check_scales(scales)
+    fmt = as_batch_format(batch_format)
     if chunk is not None:
         check_positive_int(chunk=chunk)
     if not any(True for _ in bayesian_layers(model)):
@@ -198,7 +211,7 @@ def calibrate_posterior(
 
     def evaluate(t: float) -> None:
         set_sigma_scale(model, t)
-        outputs, targets = _validation_outputs(model, val_data, samples, seed, device, chunk)
+        outputs, targets = _validation_outputs(model, val_data, samples, seed, device, chunk, fmt)
         temp = 1.0
         if temperature:  # large t can make every prediction uninformative: T at its bound
             temp = fit_temperature(outputs, targets, activation=activation, warn=False)
@@ -238,7 +251,13 @@ def _check_scales(scales: Sequence[float]) -> list[float]:
 
 
 def _validation_outputs(
-    model: nn.Module, data: Iterable, samples: int, seed: int, device, chunk: int | None
+    model: nn.Module,
+    data: Iterable,
+    samples: int,
+    seed: int,
+    device,
+    chunk: int | None,
+    fmt: BatchFormat,
 ) -> tuple[Tensor, Tensor]:
     """(S, N, ...) float32 CPU outputs and (N, ...) targets, under a forked RNG seeded
     with ``seed`` (the caller's random state is left as it was)."""
@@ -248,11 +267,15 @@ def _validation_outputs(
         torch.manual_seed(seed)
         with eval_mode(model), torch.no_grad():
             for batch in data:
-                x, y = split_batch(batch)
+                x, y = fmt.split(batch)
                 if y is None:
-                    raise ValueError("val_data must yield (input, target) batches")
-                for part in x.split(chunk or len(x)):
-                    outs.append(mc_outputs(model, part.to(where), samples).float().cpu())
+                    raise ValueError(
+                        "val_data must yield (input, target) batches (or mappings read with "
+                        "target_key=...)"
+                    )
+                for part in chunk_inputs(x, chunk or batch_length(x)):
+                    out = mc_outputs(model, move_inputs(part, where), samples, batch_format=fmt)
+                    outs.append(out.float().cpu())
                 targets.append(y.cpu())
     if not outs:
         raise ValueError("val_data yielded no batch")

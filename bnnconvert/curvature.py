@@ -54,7 +54,16 @@ from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from tqdm.auto import tqdm
 
-from ._utils import eval_mode, split_batch
+from ._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
+    batch_length,
+    call_arguments,
+    call_model,
+    eval_mode,
+    move_inputs,
+)
 from .layers import convertible_parameters, mean_weights
 
 __all__ = [
@@ -127,6 +136,7 @@ def diagonal_ggn(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    batch_format: BatchFormat | None = None,
 ) -> Curvature:
     """The diagonal of the GGN of the NLL over ``data``, summed over examples.
 
@@ -149,22 +159,25 @@ def diagonal_ggn(
             not touched).
         device: where to run (default: where the model is).
         progress: a tqdm bar over the batches.
+        batch_format: how to read mapping batches and structured outputs
+            (:class:`bnnconvert.BatchFormat`).
 
     Returns a :class:`Curvature` (float32 tensors on the model's device).
     """
     _check(likelihood, method, mc_samples, noise_std)
+    fmt = as_batch_format(batch_format)
     params = convertible_parameters(model)
     selected = _selection(params, names, masks)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    engine = _TapEngine(model, selected)
+    engine = _TapEngine(model, selected, fmt)
     start = time.perf_counter()
     generator = torch.Generator(device=device).manual_seed(seed)
     count = 0
     with _frozen(model), eval_mode(model), mean_weights(model):
         for batch in tqdm(data, desc="curvature", unit="batch", disable=not progress):
-            x, _ = split_batch(batch)
-            x = x.to(device)
-            count += x.shape[0]
+            x, _ = fmt.split(batch)
+            x = move_inputs(x, device)
+            count += batch_length(x)
             engine.accumulate(x, likelihood, method, mc_samples, noise_std, generator)
     if count == 0:
         raise ValueError("the data yielded no batch; pass a non-empty iterable of batches")
@@ -303,8 +316,11 @@ class _Tap(torch.autograd.Function):
 class _TapEngine:
     """Per-example squared gradients of Linear/convolution parameters, batch by batch."""
 
-    def __init__(self, model: nn.Module, selected: Mapping[str, Tensor | None]) -> None:
+    def __init__(
+        self, model: nn.Module, selected: Mapping[str, Tensor | None], fmt: BatchFormat
+    ) -> None:
         self.model = model
+        self.fmt = fmt
         modules = dict(model.named_modules())
         self.layers: dict[str, dict[str, Tensor | None]] = {}
         for name, idx in selected.items():
@@ -331,9 +347,7 @@ class _TapEngine:
             for name, module in self.modules.items():
                 hook = module.register_forward_hook(self._hook(name, inputs, grads, roots, calls))
                 stack.callback(hook.remove)
-            out = self.model(x)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"the model returned {type(out).__name__}; it must return a tensor")
+            out = self.fmt.output(call_model(self.model, x))
         shared = [name for name, n in calls.items() if n > 1]
         if shared:
             self._per_example_func(x, likelihood, method, mc_samples, noise_std, gen)
@@ -377,16 +391,20 @@ class _TapEngine:
         params = convertible_parameters(self.model)
         theta = {name: params[name].detach() for name in self.acc}
         with torch.no_grad():
-            out = self.model(x)
+            out = self.fmt.forward(self.model, x)
 
-        def project(th, xi, ri):
-            return (functional_call(self.model, th, (xi.unsqueeze(0),)).squeeze(0) * ri).sum()
+        def project(th, xi: Inputs, ri):
+            if isinstance(xi, Mapping):  # one example: a batch of 1
+                args, kwargs = call_arguments({k: v.unsqueeze(0) for k, v in xi.items()})
+            else:
+                args, kwargs = call_arguments(xi.unsqueeze(0))
+            return (self.fmt.output(functional_call(self.model, th, args, kwargs))[0] * ri).sum()
 
         per_example = vmap(grad(project), in_dims=(None, 0, 0))
         for r in _residuals(out, likelihood, method, mc_samples, noise_std, gen):
             g = per_example(theta, x, r.to(out.dtype))
             for name, acc in self.acc.items():
-                _add_squares(acc, g[name].float().reshape(x.shape[0], -1), self.index[name])
+                _add_squares(acc, g[name].float().reshape(batch_length(x), -1), self.index[name])
 
 
 def _bias_gradients(module: nn.Module, g: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._utils import check_positive_int, model_device
+from ._utils import BatchFormat, Inputs, as_batch_format, check_positive_int, model_device
 from .layers import bayesian_layers
 from .losses import LossFn, default_loss
 from .sampling import mc_samples
@@ -159,23 +159,28 @@ class ELBOTerms:
 
 def elbo_loss(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     loss_fn: LossFn | None = None,
     *,
     beta: float,
     samples: int = 5,
     kl_reduction: str = "mean",
+    batch_format: BatchFormat | None = None,
 ) -> ELBOTerms:
     """Mean NLL over ``samples`` posterior draws + beta * KL, for a user's training loop.
 
     Args:
         model: a converted model (each forward draws fresh noise).
-        inputs: (N, ...) batch; targets: what ``loss_fn`` expects.
-        loss_fn: (output, target) -> scalar NLL; default :func:`default_loss`.
+        inputs: (N, ...) batch, or keyword inputs {name: (N, ...)} (e.g. from
+            ``batch_format.split(batch)``); targets: what ``loss_fn`` expects.
+        loss_fn: (logits, target) -> scalar NLL; default :func:`default_loss`.
         beta: the KL weight (see :class:`BetaSchedule`).
         samples: S, the number of posterior samples (the paper uses 5).
         kl_reduction: "mean" (bayesian-torch convention, default) or "sum".
+        batch_format: reads the logits of each output for ``loss_fn`` (its
+            ``output_fn``; default: the tensor, ``.logits``, ``["logits"]`` or a tuple's
+            first item), see :class:`bnnconvert.BatchFormat`.
 
     The S forwards go through :func:`bnnconvert.sampling.mc_samples`: where torch.fx can
     trace the model, the part that no Bayesian entry influences runs forward (and, in
@@ -185,7 +190,9 @@ def elbo_loss(
     Call ``terms.loss.backward()``; ``terms.nll``/``terms.kl`` are for logging.
     """
     check_positive_int(samples=samples)
+    fmt = as_batch_format(batch_format)
     loss_fn = loss_fn or default_loss
-    nll = sum(loss_fn(out, targets) for out in mc_samples(model, inputs, samples)) / samples
+    outputs = mc_samples(model, inputs, samples)
+    nll = sum(loss_fn(fmt.output(out), targets) for out in outputs) / samples
     kl = kl_loss(model, kl_reduction)
     return ELBOTerms(nll + beta * kl, nll, kl)

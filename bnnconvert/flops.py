@@ -49,6 +49,10 @@ of their children) and reported separately as ``FlopReport.bayes_overhead``.
 
 Counting runs on a deep copy of the model (moved to ``device`` if given), so the user's
 model keeps its device, mode, buffers and parameters; the copy costs one model's memory.
+Inputs may be keyword tensors (a mapping, ``model(**inputs)``) and outputs any structure:
+the copy is called through a thin wrapper that fvcore's tracer can follow (positional
+tensors in; a tensor, tuple, list or dict out, other outputs read as their logits by
+:class:`bnnconvert.BatchFormat`); the wrapper adds no FLOP and no module name.
 """
 
 from __future__ import annotations
@@ -60,11 +64,21 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._utils import check_positive_int, first_line, model_device
+from ._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
+    call_model,
+    check_positive_int,
+    first_line,
+    model_device,
+)
 from .convert import num_bayesian
 from .elbo import kl_loss
 from .layers import BayesianLayer, bayesian_layers
@@ -301,20 +315,22 @@ def convention_note(convention: str) -> str:
 # ---------------------------------------------------------------------------- counting
 def count_flops(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     *,
     samples: int = 1,
     device: str | torch.device | None = None,
     convention: str = "fma",
     train: bool = False,
+    batch_format: BatchFormat | None = None,
 ) -> FlopReport:
     """FLOPs of ``samples`` forward passes of ``model`` on ``inputs``, counted by fvcore.
 
     Args:
         model: any nn.Module, deterministic, converted by bnnconvert, or bayesian-torch.
             It is not modified: the count runs on a deep copy (one model's memory).
-        inputs: a batch (N, ...) or a tuple of positional inputs; counts are for the
-            whole batch. The Bayesian sampling is paid once per forward, whatever N.
+        inputs: a batch (N, ...), a tuple of positional inputs, or a mapping of keyword
+            inputs ``{"pixel_values": (N, ...)}``; counts are for the whole batch. The
+            Bayesian sampling is paid once per forward, whatever N.
         samples: S, the number of stochastic forwards (Monte Carlo samples); every count
             is multiplied by S.
         device: where to count ("cpu", "cuda", ...); default: where the model is.
@@ -322,16 +338,19 @@ def count_flops(
             multiply-adds, the textbook count); elementwise ops count 1 either way.
         train: count a training-mode forward (BatchNorm on batch statistics) instead
             of an eval-mode one.
+        batch_format: its ``output_fn`` reads an output that is not a tensor, tuple, list
+            or dict (default: ``.logits``); see :class:`bnnconvert.BatchFormat`.
 
     Returns a :class:`FlopReport`; ``str(report)`` is a per-module table. Raises
     ValueError if the model rejects the inputs.
     """
     check_positive_int(samples=samples)
     factor = _convention_factor(convention)
-    work, inputs = _working_copy(model, inputs, device, train)
+    work, inputs, keys = _working_copy(model, inputs, device, train)
     markers = {_marker_name(name): name for name in _instrument_sampling(work)}
-    fca = _analysis(work, inputs)
-    raw = _traced(fca, work, inputs).by_module_and_operator()
+    root = _Called(work, keys, as_batch_format(batch_format))
+    fca = _analysis(root, inputs)
+    raw = _unwrapped(_traced(fca, root, inputs).by_module_and_operator())
     sampling = _sampling_counts(raw, work, markers)
 
     def weigh(counts: Mapping[str, float]) -> int:
@@ -376,17 +395,50 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _working_copy(
-    model: nn.Module, inputs: Tensor | Sequence[Tensor], device, train: bool
-) -> tuple[nn.Module, tuple]:
-    """A deep copy of ``model`` on ``device`` in the requested mode, and the inputs there."""
+    model: nn.Module, inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor], device, train: bool
+) -> tuple[nn.Module, tuple, tuple[str, ...] | None]:
+    """A deep copy of ``model`` on ``device`` in the requested mode, the inputs there (as a
+    tuple) and their keyword names (None: positional inputs)."""
     work = copy.deepcopy(model)
     if device is not None:
         work.to(device)
     work.train(train)
     target = _device_of(work)
+    keys = None
+    if isinstance(inputs, Mapping):
+        keys, inputs = tuple(inputs), tuple(inputs.values())
     inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     moved = tuple(x.to(target) if isinstance(x, Tensor) else x for x in inputs)
-    return work, moved
+    return work, moved, keys
+
+
+_WRAPPED = "model"
+"""The name of the counted model inside :class:`_Called` (stripped from the counts)."""
+
+
+class _Called(nn.Module):
+    """Calls the model with positional or keyword inputs and returns what fvcore's tracer
+    (torch.jit) can follow: a tensor, tuple, list or dict as it is, any other output
+    (a dataclass) read as its logits by ``fmt``."""
+
+    def __init__(self, model: nn.Module, keys: tuple[str, ...] | None, fmt: BatchFormat):
+        super().__init__()
+        self.add_module(_WRAPPED, model)
+        self.keys = keys
+        self.fmt = fmt
+
+    def forward(self, *inputs: Any) -> Any:
+        model = self.get_submodule(_WRAPPED)
+        out = model(*inputs) if self.keys is None else model(**dict(zip(self.keys, inputs)))
+        return out if isinstance(out, (Tensor, tuple, list, dict)) else self.fmt.output(out)
+
+
+def _unwrapped(raw: Mapping[str, Counter]) -> dict[str, Counter]:
+    """Counts by module of a :class:`_Called` trace, named as in the model itself."""
+    prefix = f"{_WRAPPED}."
+    out = {"": raw[""]}
+    out.update({name[len(prefix) :]: c for name, c in raw.items() if name.startswith(prefix)})
+    return out
 
 
 class _SamplingScope(nn.Module):
@@ -542,7 +594,7 @@ class TrainingCost:
 
 def training_cost(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     *,
     samples: int = 1,
     steps: int = 1,
@@ -550,6 +602,7 @@ def training_cost(
     saliency_batches: int = 0,
     device: str | torch.device | None = None,
     convention: str = "fma",
+    batch_format: BatchFormat | None = None,
 ) -> TrainingCost:
     """FLOPs of training ``model``: per step (1 + backward_factor) x (S forwards + KL).
 
@@ -565,14 +618,16 @@ def training_cost(
             forward (two products of the forward's size per conv/linear).
         saliency_batches: batches of the saliency pass to add (forward + backward each, on
             the deterministic network, i.e. the forward without the sampling).
-        device, convention: as in :func:`count_flops`.
+        device, convention, batch_format: as in :func:`count_flops`.
 
     The forward is counted in training mode (BatchNorm on batch statistics).
     """
     check_positive_int(samples=samples, steps=steps)
     if backward_factor < 0 or saliency_batches < 0:
         raise ValueError("backward_factor and saliency_batches must be >= 0")
-    forward = count_flops(model, inputs, device=device, convention=convention, train=True)
+    forward = count_flops(
+        model, inputs, device=device, convention=convention, train=True, batch_format=batch_format
+    )
     kl, kl_unsupported = _kl_flops(model, device)
     return TrainingCost(
         forward, kl, samples, steps, backward_factor, saliency_batches,
@@ -609,7 +664,7 @@ def _kl_flops(model: nn.Module, device) -> tuple[int, dict[str, int]]:
     kl_fn = _kl_function(model)
     if kl_fn is None:
         return 0, {}
-    work, _ = _working_copy(model, (), device, train=True)  # fvcore leaves hooks on errors
+    work, _, _ = _working_copy(model, (), device, train=True)  # fvcore leaves hooks on errors
     fca = _analysis(_KLStep(work, kl_fn), ())
     with torch.no_grad():
         total = fca.total()
@@ -619,27 +674,29 @@ def _kl_flops(model: nn.Module, device) -> tuple[int, dict[str, int]]:
 
 def count_prediction_flops(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     samples: int,
     *,
     convention: str = "fma",
+    batch_format: BatchFormat | None = None,
 ) -> int:
     """FLOPs of one Monte Carlo prediction of ``samples`` draws, as
     :func:`bnnconvert.sampling.mc_outputs` runs it: where torch.fx can split the model,
     the deterministic prefix once and the stochastic suffix ``samples`` times; otherwise
     ``samples`` full forwards (the same as ``count_flops(model, inputs,
-    samples=samples).total``). Eval mode, ``inputs`` one batch (N, ...).
+    samples=samples).total``). Eval mode, ``inputs`` one batch (N, ...) or keyword inputs.
 
     A model whose Bayesian entries sit in its last layer costs about one forward whatever
     ``samples``; one with entries in its first layer, ``samples`` forwards.
     """
     check_positive_int(samples=samples)
     work = copy.deepcopy(model).eval()
+    count = partial(count_flops, convention=convention, batch_format=batch_format)
     plan = hoist_plan(work)
-    if plan is None:
-        return count_flops(work, inputs, samples=samples, convention=convention).total
+    if plan is None or not plan.accepts(inputs):
+        return count(work, inputs, samples=samples).total
     with torch.no_grad():
-        hoisted = plan.prefix(inputs)
-    prefix = count_flops(plan.prefix, inputs, convention=convention).total
-    suffix = count_flops(plan.suffix, tuple(hoisted), convention=convention).total
+        hoisted = call_model(plan.prefix, inputs)
+    prefix = count(plan.prefix, inputs).total
+    suffix = count(plan.suffix, tuple(hoisted)).total
     return prefix + samples * suffix

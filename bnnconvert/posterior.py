@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._utils import split_batch
+from ._utils import BatchFormat, as_batch_format, batch_length
 from .calibration import (
     DEFAULT_SCALES,
     MAX_TEMPERATURE,
@@ -157,6 +157,7 @@ def fit_posterior(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    batch_format: BatchFormat | None = None,
 ) -> PosteriorReport:
     """Fit the posterior of a converted model's Bayesian entries, in place.
 
@@ -182,12 +183,15 @@ def fit_posterior(
         samples, scales, temperature: of :func:`calibrate_posterior`.
         seed: seeds the curvature's targets, training and calibration.
         device, progress: where to run; tqdm bars.
+        batch_format: how to read mapping batches and structured outputs
+            (:class:`bnnconvert.BatchFormat`), for both data sets.
 
     Returns a :class:`PosteriorReport` (also printable).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_prior_precision(prior_precision)
+    fmt = as_batch_format(batch_format)
     layers = list(bayesian_layers(model))
     if not layers:
         raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
@@ -198,22 +202,22 @@ def fit_posterior(
     set_temperature(model, 1.0)
     if method == "laplace":
         _fit_laplace(model, train_data, report, task, prior_precision, curvature, mc_samples,
-                     seed, device, progress)  # fmt: skip
+                     seed, device, progress, fmt)  # fmt: skip
     else:
         start = time.perf_counter()
         if method == "vi":
             _fit_vi(model, train_data, report, task, prior_precision, epochs, kl_temperature,
-                    train_means, settings, seed, device, progress)  # fmt: skip
+                    train_means, settings, seed, device, progress, fmt)  # fmt: skip
         else:
             train(model, train_data, epochs, settings or PAPER_SETTINGS, task=task, seed=seed,
-                  device=device, progress=progress)  # fmt: skip
+                  device=device, progress=progress, batch_format=fmt)  # fmt: skip
         report.epochs = epochs
         report.seconds["fit"] = time.perf_counter() - start
     report.sigma_quantiles = _sigma_quantiles(model)
     if val_data is not None:
         report.calibration = calibrate_posterior(
             model, val_data, task=task, samples=samples, scales=scales,
-            temperature=temperature, seed=seed, device=device,
+            temperature=temperature, seed=seed, device=device, batch_format=fmt,
         )  # fmt: skip
         report.seconds["calibration"] = report.calibration.seconds
     return report
@@ -252,10 +256,11 @@ def _bayesian_values(model: nn.Module, tensors: Mapping[str, Tensor] | None = No
 
 
 def _fit_laplace(model, data, report, task, prior_precision, method, mc_samples, seed, device,
-                 progress) -> None:  # fmt: skip
+                 progress, fmt) -> None:  # fmt: skip
     curv = diagonal_ggn(
         model, data, likelihood=likelihood_of_task(task), masks=bayesian_masks(model),
         method=method, mc_samples=mc_samples, seed=seed, device=device, progress=progress,
+        batch_format=fmt,
     )  # fmt: skip
     report.seconds["curvature"] = curv.seconds
     start = time.perf_counter()
@@ -276,7 +281,7 @@ def _set_sigma(model: nn.Module, curvature: Mapping[str, Tensor], lam: float) ->
 
 
 def _fit_vi(model, data, report, task, prior_precision, epochs, kl_temperature, train_means,
-            settings, seed, device, progress) -> None:  # fmt: skip
+            settings, seed, device, progress, fmt) -> None:  # fmt: skip
     if not (math.isfinite(kl_temperature) and kl_temperature > 0):
         raise ValueError(f"kl_temperature must be a positive number, got {kl_temperature!r}")
     theta = _bayesian_values(model)
@@ -288,10 +293,11 @@ def _fit_vi(model, data, report, task, prior_precision, epochs, kl_temperature, 
     for _, layer in bayesian_layers(model):
         layer._buffers["bayes_prior"].copy_(torch.tensor([0.0, lam**-0.5]))
     base = settings or VI_SETTINGS
-    run = base.replace(beta=kl_temperature / _num_examples(data), kl_reduction="sum",
+    run = base.replace(beta=kl_temperature / _num_examples(data, fmt), kl_reduction="sum",
                        train_mode=train_means)  # fmt: skip
     with _only_rho_trains(model, not train_means):
-        train(model, data, epochs, run, task=task, seed=seed, device=device, progress=progress)
+        train(model, data, epochs, run, task=task, seed=seed, device=device, progress=progress,
+              batch_format=fmt)  # fmt: skip
 
 
 @contextmanager
@@ -308,11 +314,11 @@ def _only_rho_trains(model: nn.Module, active: bool) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _num_examples(data: Iterable) -> int:
+def _num_examples(data: Iterable, fmt: BatchFormat) -> int:
     dataset = getattr(data, "dataset", None)
     if dataset is not None and hasattr(dataset, "__len__"):
         return len(dataset)
-    return sum(split_batch(batch)[0].shape[0] for batch in data)
+    return sum(batch_length(fmt.split(batch)[0]) for batch in data)
 
 
 def _sigma_quantiles(model: nn.Module) -> dict[str, float]:
@@ -373,6 +379,7 @@ def select_r_bayes(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool = False,
+    batch_format: BatchFormat | None = None,
 ) -> RSweep:
     """Choose r_bayes on validation data: the smallest r whose calibrated Laplace posterior
     has a validation NLL within ``tolerance`` (relative) of the best r of ``grid``.
@@ -386,7 +393,7 @@ def select_r_bayes(
         train_data, val_data: training and validation batches.
         grid: the fractions to try, in (0, 1].
         tolerance: e.g. 0.01: within 1 % of the best validation NLL.
-        task, samples, seed, device, progress: as for :func:`fit_posterior`.
+        task, samples, seed, device, progress, batch_format: as for :func:`fit_posterior`.
 
     Returns an :class:`RSweep` (printable).
     """
@@ -399,7 +406,7 @@ def select_r_bayes(
     largest = saliency.select(max(grid))
     curv = diagonal_ggn(
         model, train_data, likelihood=likelihood_of_task(task), masks=largest, seed=seed,
-        device=device, progress=progress,
+        device=device, progress=progress, batch_format=batch_format,
     )  # fmt: skip
     rows = []
     for r in sorted(grid):
@@ -408,7 +415,7 @@ def select_r_bayes(
         lam = fit_prior_precision(h, theta)
         _set_sigma(pbnn, curv.diagonal, lam)
         cal = calibrate_posterior(pbnn, val_data, task=task, samples=samples, seed=seed,
-                                  device=device)  # fmt: skip
+                                  device=device, batch_format=batch_format)  # fmt: skip
         rows.append(
             {
                 "r_bayes": r,

@@ -19,7 +19,7 @@ exactly 0 or 1 give 0 * log 0 = 0, never NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Literal
 
@@ -28,13 +28,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._utils import check_positive_int, eval_mode, model_device, split_batch
+from ._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
+    check_positive_int,
+    chunk_inputs,
+    eval_mode,
+    inputs_device,
+    model_device,
+    move_inputs,
+    split_batch,
+)
 from .convert import INFO_ATTR
 from .layers import mean_weights
 from .sampling import mc_outputs
 
 __all__ = [
     "AMP_DTYPES",
+    "BatchFormat",
     "Prediction",
     "amp_autocast",
     "eval_mode",
@@ -275,14 +287,15 @@ class Prediction:
 
 
 # --------------------------------------------------------------------- predict
-def tensor_batches(data: Tensor | Iterable, batch_size: int | None) -> Iterable:
-    """Batches of ``data``: a tensor (N, ...) split into ``batch_size`` rows (one batch if
-    None), or an iterable of batches (a DataLoader) as it is (then batch_size must be None)."""
-    if isinstance(data, Tensor):
+def tensor_batches(data: Tensor | Mapping | Iterable, batch_size: int | None) -> Iterable:
+    """Batches of ``data``: a tensor (N, ...) or a mapping of tensors {key: (N, ...)} split
+    into ``batch_size`` rows (one batch if None), or an iterable of batches (a DataLoader)
+    as it is (then batch_size must be None)."""
+    if isinstance(data, (Tensor, Mapping)):
         if batch_size is None:
             return [data]
         check_positive_int(batch_size=batch_size)
-        return data.split(batch_size)
+        return chunk_inputs(data, batch_size)
     if batch_size is not None:
         raise ValueError("batch_size applies to tensor input; a DataLoader sets its own")
     return data
@@ -313,6 +326,7 @@ def predict_batches(
     output_device: torch.device | str | None = None,
     progress: bool | None = None,
     amp: str | None = None,
+    batch_format: BatchFormat | None = None,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per batch (with its ``targets`` when batches are pairs).
 
@@ -323,11 +337,12 @@ def predict_batches(
     """
     check_positive_int(samples=samples)
     amp_autocast(None, amp)  # checks the name now, not at the first batch
+    fmt = as_batch_format(batch_format)
     temperature = temperature_of(model) if activation != "none" else 1.0
 
-    def forward(x: Tensor) -> Tensor:
-        with eval_mode(model), amp_autocast(x.device, amp):
-            outputs = mc_outputs(model, x, samples)
+    def forward(x: Inputs) -> Tensor:
+        with eval_mode(model), amp_autocast(inputs_device(x), amp):
+            outputs = mc_outputs(model, x, samples, batch_format=fmt)
         return outputs if temperature == 1.0 else outputs / temperature
 
     return stream_predictions(
@@ -339,12 +354,13 @@ def predict_batches(
         device=model_device(model) if device is None else torch.device(device),
         output_device=output_device,
         progress=progress,
+        batch_format=fmt,
     )
 
 
 def stream_predictions(
-    forward: Callable[[Tensor], Tensor],
-    data: Tensor | Iterable,
+    forward: Callable[[Inputs], Tensor],
+    data: Tensor | Mapping | Iterable,
     *,
     activation: Activation = "softmax",
     batch_size: int | None = None,
@@ -352,37 +368,41 @@ def stream_predictions(
     device: torch.device | str | None = None,
     output_device: torch.device | str | None = None,
     progress: bool | None = None,
+    batch_format: BatchFormat | None = None,
 ) -> Iterator[Prediction]:
     """The streaming loop behind :func:`predict_batches` and
     :meth:`bnnconvert.methods.Method.predict`: one :class:`Prediction` per batch.
 
     Args:
-        forward: input batch x (N, ...) -> raw outputs (S, N, C, ...) of S forwards;
-            called under ``torch.no_grad()``.
-        data, activation, batch_size, keep_samples, output_device, progress: see
-            :func:`predict`.
+        forward: input batch x (N, ...), or keyword inputs {name: (N, ...)}, -> raw
+            outputs (S, N, C, ...) of S forwards; called under ``torch.no_grad()``.
+        data, activation, batch_size, keep_samples, output_device, progress,
+            batch_format: see :func:`predict` (``batch_format`` reads the batches here;
+            ``forward`` reads the outputs).
         device: where each input batch is sent (None: where it is).
     """
     _check_activation(activation)
+    fmt = as_batch_format(batch_format)
     batches = tensor_batches(data, batch_size)
-    single = isinstance(data, Tensor) and batch_size is None
+    single = isinstance(data, (Tensor, Mapping)) and batch_size is None
     disable = (not progress) if progress is not None else (True if single else None)
     batches = tqdm(batches, desc="predict", unit="batch", disable=disable)
-    return _stream(forward, batches, activation, keep_samples, device, output_device)
+    return _stream(forward, batches, activation, keep_samples, device, output_device, fmt)
 
 
 def _stream(
-    forward: Callable[[Tensor], Tensor],
+    forward: Callable[[Inputs], Tensor],
     batches: Iterable,
     activation: str,
     keep_samples: bool,
     device: torch.device | str | None,
     output_device: torch.device | str | None,
+    fmt: BatchFormat,
 ) -> Iterator[Prediction]:
     for batch in batches:
-        x, target = split_batch(batch)
+        x, target = fmt.split(batch)
         if device is not None:
-            x = x.to(device, non_blocking=True)
+            x = move_inputs(x, device)
         with torch.no_grad():
             outputs = forward(x)
         summary = summarise_outputs(outputs, activation)
@@ -407,6 +427,7 @@ def predict(
     output_device: torch.device | str | None = None,
     progress: bool | None = None,
     amp: str | None = None,
+    batch_format: BatchFormat | None = None,
 ) -> Prediction:
     """Monte Carlo prediction of ``model`` on ``x`` with ``samples`` posterior samples.
 
@@ -421,10 +442,12 @@ def predict(
     draws its base seed from the global RNG unless it was given its own ``generator``).
 
     Args:
-        model: any nn.Module mapping a batch (N, ...) to outputs (N, C, ...).
+        model: any nn.Module mapping a batch (N, ...) to outputs (N, C, ...) (or to a
+            structure holding them: ``batch_format``).
         x: an input tensor (N, ...), or an iterable of batches (a DataLoader): tensors, or
             (input, target, ...) sequences whose targets are collected in
-            ``Prediction.targets``. Batches are concatenated along N.
+            ``Prediction.targets``, or mappings read by ``batch_format`` (one mapping of
+            tensors is one batch). Batches are concatenated along N.
         samples: S, the number of forward passes (posterior samples).
         activation: "softmax" (multi-class, class dim 1), "sigmoid" (multi-label or binary,
             one Bernoulli per output entry), or "none" (raw outputs; no entropies).
@@ -439,6 +462,10 @@ def predict(
         amp: "bf16" or "fp16" runs the forward passes under ``torch.autocast`` on the
             batches' device (:func:`amp_autocast`); the probabilities and uncertainty are
             computed in float32 from the half-precision outputs. None: full precision.
+        batch_format: how to read mapping batches (``input_key``, ``target_key``) and
+            structured outputs (``output_fn``), a :class:`BatchFormat`; None: tensor and
+            (input, target) batches, outputs read as the tensor, ``.logits``,
+            ``["logits"]`` or a tuple's first item.
 
     Returns a :class:`Prediction`; see its docstring for the shapes.
     """
@@ -453,5 +480,6 @@ def predict(
         output_device=output_device,
         progress=progress,
         amp=amp,
+        batch_format=batch_format,
     )
     return Prediction.cat(parts)

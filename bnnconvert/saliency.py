@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._utils import atomic_torch_save, load_payload, split_batch
+from ._utils import BatchFormat, as_batch_format, atomic_torch_save, load_payload
 from .curvature import diagonal_ggn, fit_prior_precision, laplace_sigma, likelihood_of_task
 from .layers import convertible_parameters
 from .losses import LossFn, data_task, default_loss
@@ -183,6 +183,7 @@ def compute_saliency(
     num_batches: int | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
+    batch_format: BatchFormat | None = None,
 ) -> Saliency:
     """Score every entry of the model's convertible weights and biases.
 
@@ -197,6 +198,8 @@ def compute_saliency(
         device: where to run the pass (default: the model's device). The model is moved
             there for the pass and moved back afterwards.
         seed: seed of the "random" criterion (default: drawn from torch's global RNG).
+        batch_format: how to read mapping batches and structured outputs
+            (:class:`bnnconvert.BatchFormat`); ``loss_fn`` gets the logits it reads.
 
     Returns a :class:`Saliency` with float32 CPU scores.
 
@@ -222,20 +225,27 @@ def compute_saliency(
         return Saliency(scores, criterion, meta)
     if data is None:
         raise ValueError(f"criterion {criterion!r} needs data: an iterable of (input, target)")
+    fmt = as_batch_format(batch_format)
     if criterion == "variance":
-        return _variance_scores(model, data, num_batches, device)
+        return _variance_scores(model, data, num_batches, device, fmt)
     grads, meta = _gradient_pass(
-        model, params, data, loss_fn or default_loss, criterion, num_batches, device
+        model, params, data, loss_fn or default_loss, criterion, num_batches, device, fmt
     )
     return Saliency(grads, criterion, meta)
 
 
-def _variance_scores(model: nn.Module, data: Iterable, num_batches: int | None, device) -> Saliency:
+def _variance_scores(
+    model: nn.Module, data: Iterable, num_batches: int | None, device, fmt: BatchFormat
+) -> Saliency:
     """Diagonal Laplace posterior variances of every entry (see the module docstring)."""
     if num_batches is not None:
         data = itertools.islice(data, num_batches)
     curvature = diagonal_ggn(
-        model, data, likelihood=likelihood_of_task(data_task(data)), device=device
+        model,
+        data,
+        likelihood=likelihood_of_task(data_task(data)),
+        device=device,
+        batch_format=fmt,
     )
     flat_h = torch.cat([h.reshape(-1) for h in curvature.diagonal.values()])
     params = convertible_parameters(model)
@@ -254,7 +264,7 @@ def _data_free_scores(params: Mapping[str, Tensor], criterion: str, seed: int | 
     return {n: torch.rand(p.shape, generator=gen) for n, p in params.items()}
 
 
-def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device):
+def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device, fmt):
     """Accumulate gradient statistics over the batches; restore the model afterwards."""
     names, tensors = list(params), list(params.values())
     home = None
@@ -271,8 +281,8 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device)
         for batch in data:
             if num_batches is not None and batches >= num_batches:
                 break
-            x, y = split_batch(batch, tensors[0].device, need_target=True)
-            loss = loss_fn(model(x), y)
+            x, y = fmt.split(batch, tensors[0].device, need_target=True)
+            loss = loss_fn(fmt.forward(model, x), y)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the loss of batch {batches} is {loss.item()}; check that batch's "

@@ -31,6 +31,11 @@ place, or when nothing can be hoisted (a stochastic op reads the input directly)
 Randomness outside torch (Python's ``random``, numpy) is invisible to tracing: a forward
 that uses it must be run with ``hoist=False``.
 
+Inputs may be one tensor or keyword tensors (``model(**inputs)``, see
+:class:`bnnconvert._utils.BatchFormat`); outputs may be any structure torch.fx can build
+(a dataclass with ``.logits``, a dict, a tuple). Keyword inputs that the traced forward
+cannot take run the plain loop.
+
 The split graphs are cached per model (weakly), keyed by the identity, class, train flag,
 sampling flag and hook presence of every submodule: converting, ``train()``/``eval()``,
 ``mean_weights()`` or replacing a layer re-plans on the next call.
@@ -43,7 +48,7 @@ import logging
 import operator
 import weakref
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +58,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from ._utils import check_positive_int
+from ._utils import BatchFormat, Inputs, as_batch_format, call_model, check_positive_int
 from .layers import BayesianLayer, BayesianOwner, posterior_cache
 
 __all__ = ["HoistPlan", "hoist_plan", "mc_outputs", "mc_samples"]
@@ -97,25 +102,35 @@ _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
 # ------------------------------------------------------------------------ public
-def mc_outputs(model: nn.Module, x: Tensor, samples: int, *, hoist: bool | None = None) -> Tensor:
+def mc_outputs(
+    model: nn.Module,
+    x: Inputs,
+    samples: int,
+    *,
+    hoist: bool | None = None,
+    batch_format: BatchFormat | None = None,
+) -> Tensor:
     """Run ``samples`` stochastic forwards of ``model`` on ``x``.
 
     Args:
-        model: any module (converted or not); ``model(x)`` must return a tensor.
-        x: the input batch, e.g. (N, C, H, W).
+        model: any module (converted or not).
+        x: the input batch, e.g. (N, C, H, W), or keyword inputs {name: (N, ...)}.
         samples: S >= 1.
         hoist: None (default) computes the deterministic prefix once where the model allows
             it and falls back to the plain loop otherwise; True does the same and logs the
             fallback reason at INFO level instead of DEBUG; False always runs the plain loop.
+        batch_format: reads the logits of each output (its ``output_fn``); default: the
+            output tensor, ``.logits``, ``["logits"]`` or a tuple's first item.
 
-    Returns a tensor of shape (S, *output_shape), sample s being the s-th forward of the
+    Returns a tensor of shape (S, *logits_shape), sample s being the s-th forward of the
     plain loop under the same seed. Gradients flow when grad mode is on (usable in training).
     """
-    return torch.stack(list(mc_samples(model, x, samples, hoist=hoist)))
+    fmt = as_batch_format(batch_format)
+    return torch.stack([fmt.output(out) for out in mc_samples(model, x, samples, hoist=hoist)])
 
 
 def mc_samples(
-    model: nn.Module, x: Tensor, samples: int, *, hoist: bool | None = None
+    model: nn.Module, x: Inputs, samples: int, *, hoist: bool | None = None
 ) -> Iterator[Any]:
     """The ``samples`` stochastic outputs of ``model`` on ``x``, one at a time, in order.
 
@@ -127,8 +142,8 @@ def mc_samples(
     """
     check_positive_int(samples=samples)
     plan = hoist_plan(model, loud=hoist is True) if hoist is not False else None
-    if plan is None:
-        return _cached(model, (model(x) for _ in range(samples)))
+    if plan is None or not plan.accepts(x):
+        return _cached(model, (call_model(model, x) for _ in range(samples)))
     return _cached(model, plan.iterate(x, samples))
 
 
@@ -143,7 +158,8 @@ class HoistPlan:
     """A model split into a deterministic prefix and a stochastic suffix.
 
     Attributes:
-        prefix: ``prefix(x)`` -> tuple of the hoisted tensors (and other values).
+        prefix: ``prefix(x)`` (or ``prefix(**inputs)``) -> tuple of the hoisted tensors
+            (and other values).
         suffix: ``suffix(*hoisted)`` -> the model's output for one posterior sample.
         norms: train-mode BatchNorm layers of the prefix (updated as if run S times).
         attrs: (target, object) of every model tensor the graphs read directly (get_attr),
@@ -155,12 +171,24 @@ class HoistPlan:
     norms: tuple[_BatchNorm, ...]
     attrs: tuple[tuple[str, object], ...]
 
-    def iterate(self, x: Tensor, samples: int) -> Iterator[Any]:
+    def iterate(self, x: Inputs, samples: int) -> Iterator[Any]:
         """The prefix once, then the suffix's output for each of ``samples`` draws."""
         with _repeated_norm_updates(self.norms, samples):
-            hoisted = self.prefix(x)
+            hoisted = call_model(self.prefix, x)
         for _ in range(samples):
             yield self.suffix(*hoisted)
+
+    def accepts(self, x: Inputs) -> bool:
+        """True unless ``x`` are keyword inputs that the traced forward cannot take (its
+        arguments are the model's, ``*args``/``**kwargs`` excepted)."""
+        if not isinstance(x, Mapping):
+            return True
+        try:
+            inspect.signature(self.prefix.forward).bind(**x)
+        except TypeError:
+            log.debug("keyword inputs %s do not fit the traced forward: plain loop", list(x))
+            return False
+        return True
 
     def is_current(self, model: nn.Module) -> bool:
         """True while every object the graphs captured is still the model's."""

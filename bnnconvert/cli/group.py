@@ -35,6 +35,8 @@ ARGUMENT_FLAGS = {
     "inputs=...": "--input-shape",
     "out=...": "--out",
     "nproc=...": "--nproc",
+    "input_key=...": "--input-key",
+    "target_key=...": "--target-key",
 }
 """How the library's messages name an argument -> the flag that sets it."""
 

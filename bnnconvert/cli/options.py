@@ -17,6 +17,7 @@ import click
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._utils import BatchFormat, tuple_batches
 from ..data import open_data
 from ..losses import LossFn, data_class_weights, data_task, task_loss
 from ..saliency import check_r_bayes
@@ -74,8 +75,18 @@ def model_options(fn: Callable) -> Callable:
 
 
 def data_options(fn: Callable) -> Callable:
-    """--task, --batch-size, --size, --as-rgb, --workers, --seed, --device."""
+    """--task, --batch-size, --size, --as-rgb, --workers, --seed, --device, --input-key,
+    --target-key."""
     options = [
+        click.option(
+            "--target-key",
+            help="Key of the target in dict batches (e.g. label); with --input-key.",
+        ),
+        click.option(
+            "--input-key",
+            help="Key of the input in dict batches (e.g. image, a MONAI-style data set); "
+            "default: (input, target) batches.",
+        ),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
         click.option(
             "--seed",
@@ -122,8 +133,10 @@ def load_cli_model(path: str, arch: str | None, arch_kwargs: dict, trust_pickle:
 
 def cli_loader(data: str, split: str, shuffle: bool, o: dict[str, Any]) -> Iterable:
     """The DataLoader of ``--data`` (a file, folder or ``demo:`` name) for ``split``, with
-    the command's batch size, seed and image options ``o``."""
-    return open_data(
+    the command's batch size, seed and image options ``o``; with ``--input-key`` /
+    ``--target-key``, dict batches are read into (input, target) tuples
+    (:func:`bnnconvert._utils.tuple_batches`)."""
+    loader = open_data(
         data,
         split,
         batch_size=o["batch_size"],
@@ -133,6 +146,8 @@ def cli_loader(data: str, split: str, shuffle: bool, o: dict[str, Any]) -> Itera
         as_rgb=o["as_rgb"],
         num_workers=o["workers"],
     )
+    keys = o.get("input_key"), o.get("target_key")
+    return loader if keys == (None, None) else tuple_batches(loader, BatchFormat(*keys))
 
 
 def cli_task_loss(loader: Iterable, task: str | None, weighted: bool) -> tuple[str | None, LossFn]:

@@ -31,7 +31,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._utils import check_positive_int, model_device
+from .._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
+    check_positive_int,
+    model_device,
+)
 from ..convert import last_convertible_layers
 from ..flops import count_flops, training_cost
 from ..losses import LossFn, check_task, data_task, task_loss
@@ -46,12 +52,14 @@ __all__ = [
     "last_convertible_layers",
     "model_outputs",
     "reseed_data",
+    "stacked_format",
+    "stacked_forward",
     "stacked_loss",
 ]
 
 RUN_OPTIONS = frozenset(
     {"loss_fn", "class_weights", "validate", "device", "checkpoint", "checkpoint_every",
-     "resume", "output", "progress", "on_step"}
+     "resume", "output", "progress", "on_step", "batch_format"}
 )  # fmt: skip
 """The keyword arguments of :func:`bnnconvert.training.train` that a fit passes through
 (``task`` and ``seed`` are the method's own)."""
@@ -99,6 +107,10 @@ class Method(ABC):
         train_steps: optimiser steps run by the last :meth:`fit`, over every member.
         train_samples: forwards per training step (S for the ELBO, else 1).
         saliency_batches: batches of the saliency pass of the last fit (0 if none).
+        batch_format: how batches and outputs are read
+            (:class:`~bnnconvert.BatchFormat`): ``fit(..., batch_format=...)`` sets it
+            for the fit and every later :meth:`predict` and :meth:`flops`; None: tensor
+            and (input, target) batches.
     """
 
     name = "method"
@@ -125,6 +137,7 @@ class Method(ABC):
         self.train_steps = 0
         self.train_samples = 1
         self.saliency_batches = 0
+        self.batch_format: BatchFormat | None = None
         if name is not None:
             self.name = name
 
@@ -156,7 +169,8 @@ class Method(ABC):
                 variational methods train with their own ``beta`` and ``samples``.
             **train_kwargs: fields of ``settings`` to change (``lr=``, ``beta=``, ...) and
                 the other keyword arguments of :func:`bnnconvert.training.train`
-                (``class_weights``, ``device``, ``progress`` (default False), ...).
+                (``class_weights``, ``device``, ``progress`` (default False),
+                ``batch_format`` (kept in :attr:`batch_format`), ...).
 
         Returns ``self``. The template every method shares: it checks the arguments, asks
         :meth:`check_available` (with the task) and :meth:`validate_fit` whether the
@@ -165,6 +179,7 @@ class Method(ABC):
         run = self._fit_run(train_data, epochs, seed, val_data, settings, train_kwargs)
         task = self.task or data_task(train_data) or "multiclass"
         self.check_available(task)
+        self.batch_format = as_batch_format(run.options.get("batch_format"))
         self.validate_fit(run)
         if seed is not None:
             reseed_data(train_data, seed)
@@ -195,14 +210,17 @@ class Method(ABC):
         (before the keyword overrides of :meth:`fit` apply). Default: unchanged."""
         return settings
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
-        """Raw outputs (S', N, C, *spatial) on one input batch x (N, ...), in eval mode.
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
+        """Raw outputs (S', N, C, *spatial) on one input batch x (N, ...) (or keyword
+        inputs, see :attr:`batch_format`), in eval mode.
 
         S' is ``samples`` for stochastic models, 1 for a deterministic one, the number
         of members or heads for ensembles. Called under ``torch.no_grad()`` by
         :meth:`predict`. Default: :func:`bnnconvert.sampling.mc_outputs` of ``self.model``.
         """
-        return model_outputs(self.model, x, samples if self.stochastic else 1)
+        return model_outputs(
+            self.model, x, samples if self.stochastic else 1, batch_format=self.batch_format
+        )
 
     def predict(
         self,
@@ -215,8 +233,9 @@ class Method(ABC):
         """The :class:`~bnnconvert.Prediction` of the method on ``data``.
 
         Args:
-            data: an input tensor (N, ...) or (input, target) batches (a DataLoader);
-                targets are collected in ``Prediction.targets``.
+            data: an input tensor (N, ...) or (input, target) batches (a DataLoader),
+                or mapping batches read by :attr:`batch_format`; targets are collected in
+                ``Prediction.targets``.
             samples: S (default ``self.samples``); see :meth:`outputs`.
             batch_size: split a tensor ``data`` into batches of this size.
             keep_samples: keep the per-sample probabilities (S', N, C, ...).
@@ -234,6 +253,7 @@ class Method(ABC):
             keep_samples=keep_samples,
             device=self.device,
             progress=False,
+            batch_format=self.batch_format,
         )
         return Prediction.cat(parts)
 
@@ -241,9 +261,9 @@ class Method(ABC):
         """Parameters held for prediction (every member of an ensemble)."""
         return sum(p.numel() for p in self.model.parameters())
 
-    def flops(self, inputs: Tensor | Sequence[Tensor]) -> dict[str, int]:
-        """FLOPs on one batch ``inputs`` (N, ...) at the training batch size, via
-        :func:`bnnconvert.count_flops` and :func:`bnnconvert.training_cost`.
+    def flops(self, inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) -> dict[str, int]:
+        """FLOPs on one batch ``inputs`` (N, ...) (or keyword inputs) at the training batch
+        size, via :func:`bnnconvert.count_flops` and :func:`bnnconvert.training_cost`.
 
         Returns {"forward": one eval-mode forward of the working model, "inference": a
         prediction (S forwards, or one per member/checkpoint), "train_step": one
@@ -257,6 +277,7 @@ class Method(ABC):
             train_samples=self.train_samples,
             steps=self.train_steps,
             saliency_batches=self.saliency_batches,
+            batch_format=self.batch_format,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -328,26 +349,36 @@ class Method(ABC):
 
 
 # ---------------------------------------------------------------------- shared functions
-def model_outputs(model: nn.Module, x: Tensor, samples: int) -> Tensor:
+def model_outputs(
+    model: nn.Module, x: Inputs, samples: int, *, batch_format: BatchFormat | None = None
+) -> Tensor:
     """``samples`` forward passes of ``model`` in eval mode: (S, N, C, ...), through
-    :func:`bnnconvert.sampling.mc_outputs` (modes restored afterwards)."""
+    :func:`bnnconvert.sampling.mc_outputs` (modes restored afterwards; the logits read by
+    ``batch_format``)."""
     with eval_mode(model):
-        return mc_outputs(model, x, samples)
+        return mc_outputs(model, x, samples, batch_format=batch_format)
 
 
 def model_flops(
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
     *,
     inference_samples: int,
     train_samples: int,
     steps: int,
     saliency_batches: int = 0,
+    batch_format: BatchFormat | None = None,
 ) -> dict[str, int]:
     """The FLOP dict of :meth:`Method.flops` for one model."""
-    forward = count_flops(model, inputs)
+    forward = count_flops(model, inputs, batch_format=batch_format)
     inference = forward.total * inference_samples
-    cost = training_cost(model, inputs, samples=train_samples, saliency_batches=saliency_batches)
+    cost = training_cost(
+        model,
+        inputs,
+        samples=train_samples,
+        saliency_batches=saliency_batches,
+        batch_format=batch_format,
+    )
     return {
         "forward": forward.total,
         "inference": inference,
@@ -367,20 +398,38 @@ def reseed_data(data: Iterable, seed: int) -> None:
 class StackedBatch(nn.Module):
     """Runs ``fn(x)`` -> K outputs (K, N, C, ...) and returns them folded into the batch
     dimension, (K * N, C, ...), so that :func:`bnnconvert.training.train` and its checks see
-    an ordinary model output; pair it with :func:`stacked_loss`.
+    an ordinary model output; pair it with :func:`stacked_loss` and train it with
+    :func:`stacked_format` of the data's batch format (x may be keyword inputs).
 
     Used for several posterior samples per step (bayesian-torch) and several heads
     (layer ensembles).
     """
 
-    def __init__(self, module: nn.Module, fn: Callable[[Tensor], Tensor] | None = None):
+    def __init__(self, module: nn.Module, fn: Callable[..., Tensor] | None = None):
         super().__init__()
         self.module = module
         self.fn = fn
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.module(x) if self.fn is None else self.fn(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        out = (self.module if self.fn is None else self.fn)(*args, **kwargs)
         return out.flatten(0, 1)
+
+
+def stacked_format(batch_format: BatchFormat | None) -> BatchFormat:
+    """The batch format of a :class:`StackedBatch` (its output is already the logits
+    tensor): ``batch_format``'s keys, no ``output_fn``."""
+    fmt = as_batch_format(batch_format)
+    return BatchFormat(fmt.input_key, fmt.target_key)
+
+
+def stacked_forward(model: nn.Module, fmt: BatchFormat, samples: int) -> Callable[..., Tensor]:
+    """``fn`` of a :class:`StackedBatch`: ``samples`` forwards of ``model`` on the same
+    inputs, their logits read by ``fmt``, stacked (S, N, C, ...)."""
+
+    def forward(*args: Any, **kwargs: Any) -> Tensor:
+        return torch.stack([fmt.output(model(*args, **kwargs)) for _ in range(samples)])
+
+    return forward
 
 
 def stacked_loss(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,14 @@ from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.optim.swa_utils import AveragedModel, update_bn
 
-from .._utils import check_positive_int
+from .._utils import (
+    Inputs,
+    as_batch_format,
+    call_arguments,
+    call_model,
+    check_positive_int,
+    move_inputs,
+)
 from ..flops import count_flops
 from ..predict import eval_mode
 from ..training import seed_everything
@@ -185,11 +192,14 @@ class CheckpointEnsemble(Method):
     def _finish(self, train_data: Iterable) -> None:
         log.info("checkpoint ensemble: kept epochs %s", self.kept_epochs)
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
         if not self.checkpoints:
             raise RuntimeError("no checkpoint yet: call fit() first")
+        fmt = as_batch_format(self.batch_format)
+        args, kwargs = call_arguments(x)
         with eval_mode(self.model):
-            return torch.stack([functional_call(self.model, c, (x,)) for c in self.checkpoints])
+            outs = [functional_call(self.model, c, args, kwargs) for c in self.checkpoints]
+        return torch.stack([fmt.output(out) for out in outs])
 
     def num_parameters(self) -> int:
         return max(1, len(self.checkpoints)) * super().num_parameters()
@@ -230,14 +240,22 @@ class SWA(CheckpointEnsemble):
         module = self.averaged.module
         self.bn_batches = 0
         if any(isinstance(m, _BatchNorm) for m in module.modules()):
-            update_bn(train_data, module, device=self.device)
+            caller = _Caller(module).train(module.training)  # update_bn restores its mode
+            update_bn(self._bn_inputs(train_data), caller)
             self.bn_batches = len(train_data) if hasattr(train_data, "__len__") else 0
         log.info("SWA: averaged the weights of epochs %s", self.kept_epochs)
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
+    def _bn_inputs(self, data: Iterable) -> Iterator[list[Inputs]]:
+        """The inputs of every batch on the model's device, each in a list (update_bn
+        calls the model on the first item of a list)."""
+        fmt = as_batch_format(self.batch_format)
+        for batch in data:
+            yield [move_inputs(fmt.split(batch)[0], self.device)]
+
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
         if self.averaged is None:
             raise RuntimeError("no averaged model yet: call fit() first")
-        return model_outputs(self.averaged.module, x, 1)
+        return model_outputs(self.averaged.module, x, 1, batch_format=self.batch_format)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
@@ -245,6 +263,17 @@ class SWA(CheckpointEnsemble):
     def flops(self, inputs: Tensor | Sequence[Tensor]) -> dict[str, int]:
         """One forward per prediction; training adds the BatchNorm update pass."""
         cost = super().flops(inputs)  # no checkpoint stored: one forward
-        bn_pass = count_flops(self.model, inputs, train=True).total * self.bn_batches
-        cost["train_run"] += bn_pass
+        bn_pass = count_flops(self.model, inputs, train=True, batch_format=self.batch_format)
+        cost["train_run"] += bn_pass.total * self.bn_batches
         return cost
+
+
+class _Caller(nn.Module):
+    """Calls ``module`` on positional or keyword inputs (:func:`call_model`)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Inputs) -> object:
+        return call_model(self.module, x)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .._utils import split_batch
+from .._utils import Inputs, as_batch_format, move_inputs
 from ..calibration import fit_temperature
 from .base import FitRun, Method, model_outputs
 
@@ -61,22 +61,26 @@ class Deterministic(Method):
             self.calibrate(run.val_data)
 
     def calibrate(self, val_data: Iterable) -> float:
-        """Fit the temperature on (input, target) batches; returns T."""
+        """Fit the temperature on (input, target) batches (read by :attr:`batch_format`);
+        returns T."""
         self.task = self.task or "multiclass"
         logits, targets = self._logits(val_data)
         activation = "sigmoid" if self.task == "multilabel" else "softmax"
         self.temperature = fit_temperature(logits[None], targets, activation=activation)
         return self.temperature
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
-        return model_outputs(self.model, x, 1) / self.temperature
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
+        return model_outputs(self.model, x, 1, batch_format=self.batch_format) / self.temperature
 
     def _logits(self, data: Iterable) -> tuple[Tensor, Tensor]:
         """Logits (N, C, ...) at T = 1 and targets of every batch, on the CPU."""
         outs, targets = [], []
         for batch in data:
-            x, y = split_batch(batch, need_target=True)
+            x, y = as_batch_format(self.batch_format).split(batch, need_target=True)
             with torch.no_grad():
-                outs.append(model_outputs(self.model, x.to(self.device), 1)[0].cpu())
+                out = model_outputs(
+                    self.model, move_inputs(x, self.device), 1, batch_format=self.batch_format
+                )
+            outs.append(out[0].cpu())
             targets.append(y.cpu())
         return torch.cat(outs), torch.cat(targets)

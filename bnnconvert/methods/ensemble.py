@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._utils import check_positive_int
+from .._utils import Inputs, check_positive_int
 from .base import FitRun, Method, model_flops, model_outputs, reseed_data
 
 __all__ = ["Ensemble", "reset_parameters"]
@@ -70,10 +70,11 @@ class Ensemble(Method):
         self.member_models = nn.ModuleList(trained)
         self.model = trained[0]
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
         if not len(self.member_models):
             raise RuntimeError("the ensemble has no members yet: call fit() first")
-        return torch.cat([model_outputs(m, x, 1) for m in self.member_models])
+        fmt = self.batch_format
+        return torch.cat([model_outputs(m, x, 1, batch_format=fmt) for m in self.member_models])
 
     def num_parameters(self) -> int:
         return self.members * sum(p.numel() for p in self.model.parameters())
@@ -81,7 +82,14 @@ class Ensemble(Method):
     def flops(self, inputs: Tensor | Sequence[Tensor]) -> dict[str, int]:
         """inference: M forwards; train_step: one step of one member; train_run: every
         member's steps."""
-        one = model_flops(self.model, inputs, inference_samples=1, train_samples=1, steps=0)
+        one = model_flops(
+            self.model,
+            inputs,
+            inference_samples=1,
+            train_samples=1,
+            steps=0,
+            batch_format=self.batch_format,
+        )
         return {
             "forward": one["forward"],
             "inference": self.members * one["inference"],

@@ -34,13 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .._utils import split_batch
+from .._utils import BatchFormat, Inputs, as_batch_format, split_batch
 from ..convert import convert
 from ..elbo import BetaSchedule
 from ..layers import is_convertible
 from ..predict import eval_mode
 from ..training import first_batch
-from .base import FitRun, StackedBatch, stacked_loss
+from .base import FitRun, StackedBatch, stacked_format, stacked_forward, stacked_loss
 from .variational import VariationalMethod
 
 __all__ = ["BACKENDS", "FullBayes", "bayesian_torch_convert"]
@@ -85,8 +85,9 @@ class FullBayes(VariationalMethod):
 
     def convert(self, model: nn.Module, train_data: Iterable, seed: int | None) -> nn.Module:
         if self.backend == "bayesian-torch":
-            x, _ = split_batch(first_batch(train_data), self.device)
-            converted = bayesian_torch_convert(model, x, **self.prior)
+            fmt = self.batch_format
+            x, _ = split_batch(first_batch(train_data), self.device, batch_format=fmt)
+            converted = bayesian_torch_convert(model, x, batch_format=fmt, **self.prior)
             if converted is not None:
                 self.backend_used = "bayesian-torch"
                 return converted
@@ -107,26 +108,30 @@ class FullBayes(VariationalMethod):
         samples = self.train_samples = run.settings.samples
         nll = self._loss(run.options.get("class_weights"))
         loss = stacked_loss(nll, samples, "mean", extra=lambda: beta * _get_kl_loss(model))
-        wrapper = StackedBatch(model, lambda x: torch.stack([model(x) for _ in range(samples)]))
-        self._train(wrapper, run, loss_fn=loss)
+        fmt = as_batch_format(self.batch_format)
+        wrapper = StackedBatch(model, stacked_forward(model, fmt, samples))
+        self._train(wrapper, run, loss_fn=loss, batch_format=stacked_format(fmt))
 
 
 def bayesian_torch_convert(
     model: nn.Module,
-    probe: Tensor,
+    probe: Inputs,
     *,
     prior_mu: float = 0.0,
     prior_sigma: float = 1.0,
     rho_init: float = -3.0,
     moped_delta: float | None = 0.1,
+    batch_format: BatchFormat | None = None,
 ) -> nn.Module | None:
     """A copy of ``model`` converted by ``dnn_to_bnn``, ``output_padding`` restored, or None
     (with a warning saying why) when the result cannot match the model.
 
     Args:
         model: the deterministic model (not modified).
-        probe: an input batch (N, ...) used to check the outputs at mu (MOPED only).
+        probe: an input batch (N, ...) (or keyword inputs) used to check the outputs at
+            mu (MOPED only).
         prior_mu, prior_sigma, rho_init, moped_delta: as in :class:`FullBayes`.
+        batch_format: reads the model's outputs (:class:`~bnnconvert.BatchFormat`).
     """
     model = copy.deepcopy(model)
     params = {
@@ -138,7 +143,8 @@ def bayesian_torch_convert(
         "moped_enable": moped_delta is not None,
         "moped_delta": moped_delta,
     }
-    reason = _unsupported(model) or _convert_and_check(model, probe, params)
+    fmt = as_batch_format(batch_format)
+    reason = _unsupported(model) or _convert_and_check(model, probe, params, fmt)
     if reason is None:
         return model
     warnings.warn(
@@ -159,13 +165,15 @@ def _unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def _convert_and_check(model: nn.Module, probe: Tensor, params: dict) -> str | None:
+def _convert_and_check(
+    model: nn.Module, probe: Inputs, params: dict, fmt: BatchFormat
+) -> str | None:
     """dnn_to_bnn in place, ``output_padding``, device and dtype restored; why the result
     does not reproduce the model, or None."""
     from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
 
     moped = params["moped_enable"]
-    reference = _reference_output(model, probe) if moped else None
+    reference = _reference_output(model, probe, fmt) if moped else None
     original = dict(model.named_modules())
     try:
         dnn_to_bnn(model, params)
@@ -176,14 +184,14 @@ def _convert_and_check(model: nn.Module, probe: Tensor, params: dict) -> str | N
     if left:
         return f"dnn_to_bnn left {left[0]!r} ({type(original[left[0]]).__name__}) unconverted"
     try:
-        return _mismatch(model, probe, reference)
+        return _mismatch(model, probe, reference, fmt)
     except Exception as exc:  # the converted model fails on the probe batch
         return f"the converted model fails ({type(exc).__name__}: {exc})"
 
 
-def _reference_output(model: nn.Module, x: Tensor) -> Tensor:
+def _reference_output(model: nn.Module, x: Inputs, fmt: BatchFormat) -> Tensor:
     with eval_mode(model), torch.no_grad():
-        return model(x)
+        return fmt.forward(model, x)
 
 
 def _restore_attributes(model: nn.Module, original: dict[str, nn.Module]) -> None:
@@ -200,10 +208,12 @@ def _restore_attributes(model: nn.Module, original: dict[str, nn.Module]) -> Non
             new.to(device=weight.device, dtype=weight.dtype)
 
 
-def _mismatch(model: nn.Module, probe: Tensor, reference: Tensor | None) -> str | None:
+def _mismatch(
+    model: nn.Module, probe: Inputs, reference: Tensor | None, fmt: BatchFormat
+) -> str | None:
     """Why the converted model does not reproduce ``reference`` at mu, or None."""
     with _zero_sigma(model), eval_mode(model), torch.no_grad():
-        out = model(probe)
+        out = fmt.forward(model, probe)
     if reference is None:
         return None
     if out.shape != reference.shape:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .._utils import check_positive_int, model_device, split_batch
+from .._utils import BatchFormat, check_positive_int, model_device, split_batch
 from .base import FitRun, Method, model_flops
 
 __all__ = ["HESSIAN_STRUCTURES", "LINK_APPROXIMATIONS", "PRED_TYPES", "LaplaceLastLayer"]
@@ -141,6 +141,16 @@ class LaplaceLastLayer(Method):
             )
         _laplace_factory()
 
+    def validate_fit(self, run: FitRun) -> None:
+        """ValueError for keyword inputs or an ``output_fn``: laplace-torch calls the
+        model on one input tensor and reads its output tensor."""
+        fmt = self.batch_format
+        if fmt is not None and (fmt.keywords or fmt.output_fn is not None):
+            raise ValueError(
+                "last-layer Laplace (laplace-torch) calls the model on one input tensor and "
+                "needs a tensor output: pass input_key=one key (not a list) and no output_fn"
+            )
+
     def train_model(self, run: FitRun) -> None:
         """NLL training for ``run.epochs`` epochs, then the Laplace fit and its prior."""
         self.model = self._fresh()
@@ -189,7 +199,7 @@ class LaplaceLastLayer(Method):
             hessian_structure=self.hessian_structure,
             last_layer_name=self.last_layer,
         )
-        batches = _LaplaceBatches(data)
+        batches = _LaplaceBatches(data, self.batch_format)
         self.hessian_batches = batches.num_batches
         try:
             la.fit(batches)
@@ -216,17 +226,18 @@ class LaplaceLastLayer(Method):
 
 
 class _LaplaceBatches:
-    """The (input (N, ...), class index (N,)) batches of ``data`` and a ``dataset`` of
-    its size: what laplace-torch's ``fit`` reads from a DataLoader."""
+    """The (input (N, ...), class index (N,)) batches of ``data`` (read by ``fmt``) and a
+    ``dataset`` of its size: what laplace-torch's ``fit`` reads from a DataLoader."""
 
-    def __init__(self, data: Iterable) -> None:
+    def __init__(self, data: Iterable, fmt: BatchFormat | None = None) -> None:
         self.data = data
-        examples, self.num_batches = _data_size(data)
+        self.fmt = fmt
+        examples, self.num_batches = _data_size(data, fmt)
         self.dataset = range(examples)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for batch in self.data:
-            x, y = split_batch(batch, need_target=True)
+            x, y = split_batch(batch, need_target=True, batch_format=self.fmt)
             if y.dim() == 2 and y.shape[1] == 1:
                 y = y[:, 0]
             if y.dim() != 1 or y.is_floating_point():
@@ -237,7 +248,7 @@ class _LaplaceBatches:
             yield x, y.long()
 
 
-def _data_size(data: Iterable) -> tuple[int, int]:
+def _data_size(data: Iterable, fmt: BatchFormat | None = None) -> tuple[int, int]:
     """(examples, batches) of one pass over ``data`` (read from a sized DataLoader,
     else counted by a pass)."""
     if isinstance(data, DataLoader) and data.batch_size is not None:
@@ -247,7 +258,7 @@ def _data_size(data: Iterable) -> tuple[int, int]:
             return examples, batches
         except TypeError:  # an iterable dataset without a length
             pass
-    sizes = [len(split_batch(batch)[0]) for batch in data]
+    sizes = [len(split_batch(batch, batch_format=fmt)[0]) for batch in data]
     return sum(sizes), len(sizes)
 
 

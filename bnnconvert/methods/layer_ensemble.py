@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from .._utils import split_batch
+from .._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
+    call_arguments,
+    call_model,
+    move_inputs,
+    split_batch,
+)
 from ..metrics import aula
 from ..models import UNet
 from ..predict import eval_mode
 from ..training import first_batch
-from .base import FitRun, Method, StackedBatch, stacked_loss
+from .base import FitRun, Method, StackedBatch, stacked_format, stacked_loss
 
 __all__ = ["LayerEnsemble", "LayerEnsembleNet", "default_stages"]
 
@@ -70,8 +79,9 @@ class LayerEnsembleNet(nn.Module):
     """The model plus one head per stage; ``forward`` returns every head's output.
 
     Output: (K, N, C, *spatial), the heads in stage order, then (``include_output``) the
-    model's own output as the deepest member. Stage outputs are captured with forward
-    hooks registered only during the call, so the model itself is left unchanged.
+    model's own output (its logits read by ``batch_format``) as the deepest member. Stage
+    outputs are captured with forward hooks registered only during the call, so the model
+    itself is left unchanged. ``forward`` takes the model's own arguments.
     """
 
     def __init__(
@@ -80,15 +90,17 @@ class LayerEnsembleNet(nn.Module):
         stages: Sequence[str],
         heads: Sequence[nn.Module],
         include_output: bool = True,
+        batch_format: BatchFormat | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.stages = list(stages)
         self.heads = nn.ModuleList(heads)
         self.include_output = include_output
+        self.batch_format = as_batch_format(batch_format)
 
-    def forward(self, x: Tensor) -> Tensor:
-        output, features = _run_with_hooks(self.model, self.stages, x)
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        output, features = _run_with_hooks(self.model, self.stages, args, kwargs, self.batch_format)
         size = output.shape[2:]
         outs = [head(features[s], size) for s, head in zip(self.stages, self.heads)]
         if self.include_output:
@@ -96,8 +108,14 @@ class LayerEnsembleNet(nn.Module):
         return torch.stack(outs)
 
 
-def _run_with_hooks(model: nn.Module, stages: Sequence[str], x: Tensor):
-    """The model's output and {stage name: its output tensor}."""
+def _run_with_hooks(
+    model: nn.Module,
+    stages: Sequence[str],
+    args: tuple,
+    kwargs: Mapping[str, Any],
+    fmt: BatchFormat,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The model's logits on ``(*args, **kwargs)`` and {stage name: its output tensor}."""
     modules = dict(model.named_modules())
     features: dict[str, Tensor] = {}
 
@@ -106,7 +124,7 @@ def _run_with_hooks(model: nn.Module, stages: Sequence[str], x: Tensor):
 
     handles = [modules[s].register_forward_hook(partial(store, s)) for s in stages]
     try:
-        output = model(x)
+        output = fmt.output(model(*args, **kwargs))
     finally:
         for h in handles:
             h.remove()
@@ -170,10 +188,12 @@ class LayerEnsemble(Method):
         """K, the members in total (heads + the model's output)."""
         return len(self.stages) + self.include_output
 
-    def _build(self, model: nn.Module, x: Tensor) -> LayerEnsembleNet:
-        """Attach heads sized from one eval-mode forward of ``x`` (N, ...)."""
+    def _build(self, model: nn.Module, x: Inputs) -> LayerEnsembleNet:
+        """Attach heads sized from one eval-mode forward of ``x`` (N, ...) (or keyword
+        inputs)."""
+        fmt = as_batch_format(self.batch_format)
         with eval_mode(model), torch.no_grad():
-            output, features = _run_with_hooks(model, self.stages, x)
+            output, features = _run_with_hooks(model, self.stages, *call_arguments(x), fmt)
         classes, dims = output.shape[1], output.dim() - 2
         heads = [
             SegmentationHead(features[s].shape[1], classes, dims)
@@ -181,38 +201,40 @@ class LayerEnsemble(Method):
             else ClassificationHead(features[s].shape[1], classes)
             for s in self.stages
         ]
-        net = LayerEnsembleNet(model, self.stages, heads, self.include_output)
+        net = LayerEnsembleNet(model, self.stages, heads, self.include_output, fmt)
         p = next(model.parameters())
         return net.to(device=p.device, dtype=p.dtype)
 
     def train_model(self, run: FitRun) -> None:
         """Train network and heads for ``run.epochs`` epochs on the sum of the member
         losses."""
+        fmt = as_batch_format(self.batch_format)
         if not isinstance(self.initial, LayerEnsembleNet):
-            x, _ = split_batch(first_batch(run.train_data), self.device)
+            x, _ = split_batch(first_batch(run.train_data), self.device, batch_format=fmt)
             if run.seed is not None:
                 torch.manual_seed(run.seed)
             self.initial = self._build(self.initial, x)
+        self.initial.batch_format = fmt  # heads built by example_input: the fit's format
         self.model = self._fresh()
         nll = self._loss(run.options.get("class_weights"))
         loss = stacked_loss(nll, self.members, "sum")
-        self._train(StackedBatch(self.model), run, loss_fn=loss)
+        self._train(StackedBatch(self.model), run, loss_fn=loss, batch_format=stacked_format(fmt))
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
         """The members from ``skip`` on: (K - skip, N, C, *spatial)."""
         if not isinstance(self.model, LayerEnsembleNet):
             raise RuntimeError("no heads yet: call fit() or pass example_input")
         with eval_mode(self.model):
-            return self.model(x)[self.skip :]
+            return call_model(self.model, x)[self.skip :]
 
-    def aula(self, x: Tensor) -> Tensor:
+    def aula(self, x: Inputs) -> Tensor:
         """AULA per image (N,) of the members' argmax masks (from ``skip`` on, at least 2):
         the area under the Dice agreement curve of consecutive members
         (:func:`bnnconvert.metrics.aula`). High = the heads agree = low uncertainty."""
         if self.task != "segmentation":
             raise ValueError(f"AULA needs segmentation masks; the task is {self.task!r}")
         with torch.no_grad():
-            out = self.outputs(x.to(self.device), 1)
+            out = self.outputs(move_inputs(x, self.device), 1)
         masks = out.argmax(2).cpu()  # (K', N, *spatial)
         classes = out.shape[2]
         return torch.tensor([aula(masks[:, n], num_classes=classes) for n in range(masks.shape[1])])

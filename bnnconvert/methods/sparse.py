@@ -56,6 +56,7 @@ class SparseBayes(VariationalMethod):
                 self._loss(),
                 criterion=self.criterion,
                 num_batches=self.num_saliency_batches,
+                batch_format=self.batch_format,
             )
             self.saliency_batches = int(saliency.meta["num_batches"])
         else:

@@ -94,6 +94,7 @@ class VariationalMethod(Method):
             seed=run.seed or 0,
             device=run.options.get("device"),
             progress=bool(run.options.get("progress", False)),
+            batch_format=self.batch_format,
         )
 
     def fine_tune(self, run: FitRun) -> None:

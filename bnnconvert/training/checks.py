@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._utils import first_line, model_device, split_batch
+from .._utils import BatchFormat, Inputs, as_batch_format, call_model, first_line, model_device
 from ..losses import TASKS, LossFn, default_loss
 from ..predict import eval_mode, mean_weights
 
@@ -21,20 +21,29 @@ __all__ = ["check_fit", "first_batch"]
 
 
 def check_fit(
-    model: nn.Module, data: Iterable, loss_fn: LossFn | None = None, task: str | None = None
+    model: nn.Module,
+    data: Iterable,
+    loss_fn: LossFn | None = None,
+    task: str | None = None,
+    *,
+    batch_format: BatchFormat | None = None,
 ) -> None:
     """Raise ValueError if the data does not fit the model: one forward (at mu, eval mode,
-    no gradient) and one loss on the first two samples (or the first batch)."""
-    x, y = split_batch(first_batch(data), model_device(model), need_target=True)
+    no gradient) and one loss on the first two samples (or the first batch). Batches and
+    outputs are read by ``batch_format`` (:class:`bnnconvert.BatchFormat`); a batch or an
+    output it cannot read raises its TypeError."""
+    fmt = as_batch_format(batch_format)
+    x, y = fmt.split(first_batch(data), model_device(model), need_target=True)
     with eval_mode(model), torch.no_grad(), mean_weights(model):
         try:
-            out = model(x)
+            raw = call_model(model, x)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise ValueError(
-                f"the data does not fit the model: inputs of shape {tuple(x.shape[1:])} fail in "
+                f"the data does not fit the model: inputs of shape {_shapes(x)} fail in "
                 f"its forward ({first_line(exc)}); check the model's input channels "
                 "(in_channels in arch_kwargs=...) and the image size (size=..., as_rgb=...)"
             ) from None
+        out = fmt.output(raw)
         _check_classes(out, data, task)
         try:
             (loss_fn or default_loss)(out, y)
@@ -44,6 +53,13 @@ def check_fit(
                 f"{tuple(y.shape[1:])} ({first_line(exc)}); check num_classes "
                 "(in arch_kwargs=...) and task=..."
             ) from None
+
+
+def _shapes(x: Inputs) -> str:
+    """The shapes of the inputs without N: "(1, 28, 28)", or "pixel_values (3, 32, 32)"."""
+    if isinstance(x, Tensor):
+        return str(tuple(x.shape[1:]))
+    return ", ".join(f"{k} {tuple(v.shape[1:])}" for k, v in x.items())
 
 
 def first_batch(data: Iterable) -> Any:

@@ -41,11 +41,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
     check_output_path,
     check_positive_int,
+    inputs_device,
     is_main_process,
     model_device,
-    split_batch,
 )
 from ..elbo import BetaSchedule, elbo_loss
 from ..layers import bayesian_layers
@@ -80,16 +83,17 @@ def evaluate_model(
     device: str | torch.device | None = None,
     progress: bool = False,
     amp: str | None = None,
+    batch_format: BatchFormat | None = None,
 ) -> tuple[Prediction, dict[str, float]]:
     """Monte Carlo prediction on ``data`` and every metric of the task.
 
     Args:
         model: a converted model (``samples`` posterior samples) or a deterministic one
             (one forward: its samples would be identical).
-        data: (input, target) batches.
+        data: (input, target) batches (mappings: ``batch_format``).
         task: "multiclass", "multilabel" or "segmentation"; default ``data.dataset.task``,
             else "multiclass".
-        samples, device, progress, amp: see :func:`~bnnconvert.predict`.
+        samples, device, progress, amp, batch_format: see :func:`~bnnconvert.predict`.
 
     Returns (the :class:`~bnnconvert.predict.Prediction` without per-sample probabilities,
     {metric: value} as :func:`bnnconvert.metrics.evaluate` gives it).
@@ -108,6 +112,7 @@ def evaluate_model(
         output_device="cpu",
         progress=progress,
         amp=amp,
+        batch_format=batch_format,
     )
     return prediction, evaluate(prediction, task=task)
 
@@ -138,21 +143,30 @@ class TrainResult:
 # ----------------------------------------------------------------------- the run
 class _Objective(nn.Module):
     """One training step's loss as a module: ``forward(x, y, beta)`` returns (loss, nll, kl)
-    of :func:`~bnnconvert.elbo.elbo_loss` (S posterior samples and the KL).
+    of :func:`~bnnconvert.elbo.elbo_loss` (S posterior samples and the KL; x the inputs
+    as ``fmt`` reads them, a tensor or keyword tensors).
 
     Under torch.distributed it is what DistributedDataParallel wraps: the S forwards and
     the KL of a step run in one DDP forward, so the backward averages the gradients of mu
     and rho over the ranks once per step.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, samples: int, kl_reduction: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        samples: int,
+        kl_reduction: str,
+        fmt: BatchFormat | None = None,
+    ):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.samples = samples
         self.kl_reduction = kl_reduction
+        self.fmt = as_batch_format(fmt)
 
-    def forward(self, x: Tensor, y: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Inputs, y: Tensor, beta: float) -> tuple[Tensor, Tensor, Tensor]:
         terms = elbo_loss(
             self.model,
             x,
@@ -161,6 +175,7 @@ class _Objective(nn.Module):
             beta=beta,
             samples=self.samples,
             kl_reduction=self.kl_reduction,
+            batch_format=self.fmt,
         )
         return terms.loss, terms.nll.detach(), terms.kl.detach()
 
@@ -232,6 +247,7 @@ def train(
     output: str | os.PathLike | None = None,
     progress: bool = True,
     on_step: Callable[[StepInfo], None] | None = None,
+    batch_format: BatchFormat | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``model`` in place: plain NLL if it has no Bayesian layer, else the ELBO.
@@ -263,6 +279,8 @@ def train(
             then delete ``checkpoint``.
         progress: tqdm bars over batches; per-epoch summaries go to ``logging`` (INFO).
         on_step: called with a :class:`StepInfo` after every optimiser step.
+        batch_format: how to read mapping batches (``input_key``, ``target_key``) and
+            structured outputs (``output_fn``); see :class:`bnnconvert.BatchFormat`.
         **overrides: fields of ``settings`` to change for this run (``beta=``,
             ``samples=``, ``kl_reduction=``, ``lr=``, ``momentum=``, ``weight_decay=``,
             ``lr_schedule=``, ``amp=``, ``optimizer=``, ``rho_lr=``, ``train_mode=``); a
@@ -279,6 +297,7 @@ def train(
     if unknown:
         raise TypeError(f"train() got an unexpected keyword argument {next(iter(unknown))!r}")
     check_positive_int(epochs=epochs)
+    fmt = as_batch_format(batch_format)
     if checkpoint_every is not None:
         check_positive_int(checkpoint_every=checkpoint_every)
     for path in (output, checkpoint):
@@ -291,11 +310,11 @@ def train(
     task = task or data_task(data)
     loss_fn = loss_fn or task_loss(task, class_weights)
     data = distributed.shard(data, seed)
-    check_fit(model, data, loss_fn, task)
-    run, schedule = _new_run(model, data, epochs, settings, loss_fn, seed, task)
+    check_fit(model, data, loss_fn, task, batch_format=fmt)
+    run, schedule = _new_run(model, data, epochs, settings, loss_fn, seed, task, fmt)
     resumed = _start(run, data, checkpoint if resume else None, seed)
     run.objective = distributed.wrap(run.objective, model_device(model))
-    step_fn = partial(_step, schedule=schedule, amp=settings.amp)
+    step_fn = partial(_step, schedule=schedule, amp=settings.amp, fmt=fmt)
     progress = progress and is_main_process()
     while run.epoch < epochs:
         _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_step)
@@ -319,6 +338,7 @@ def _new_run(
     loss_fn: LossFn,
     seed: int | None,
     task: str | None,
+    fmt: BatchFormat,
 ) -> tuple[RunState, BetaSchedule]:
     """The fresh state of a run (optimiser, scheduler, scaler, fingerprint) and its beta."""
     num_batches = len(data) if hasattr(data, "__len__") else None
@@ -340,7 +360,7 @@ def _new_run(
     fingerprint.update({k: getattr(s, k) for k, v in changed.items() if getattr(s, k) != v})
     run = RunState(
         model,
-        _Objective(model, loss_fn, samples, s.kl_reduction),
+        _Objective(model, loss_fn, samples, s.kl_reduction, fmt),
         optimizer,
         _scheduler(optimizer, s.lr_schedule, epochs),
         torch.amp.GradScaler(model_device(model).type, enabled=s.amp == "fp16"),
@@ -372,10 +392,11 @@ def _start(run: RunState, data: Iterable, checkpoint, seed: int | None) -> tuple
     return None
 
 
-def _step(run: RunState, x: Tensor, y: Tensor, *, schedule: BetaSchedule, amp: str | None):
-    """One optimiser step; returns its metrics (means over the ranks)."""
+def _step(run: RunState, batch: Any, *, schedule: BetaSchedule, amp: str | None, fmt: BatchFormat):
+    """One optimiser step on ``batch``; returns its metrics (means over the ranks)."""
+    x, y = fmt.split(batch, model_device(run.model), need_target=True)
     beta = schedule(run.epoch, run.step)
-    with amp_autocast(x.device, amp):
+    with amp_autocast(inputs_device(x), amp):
         loss, nll, kl = run.objective(x, y, beta)
     values = distributed.mean_over_ranks({"loss": loss.item(), "nll": nll.item(), "kl": kl.item()})
     if not math.isfinite(values["loss"]):
@@ -393,7 +414,6 @@ def _step(run: RunState, x: Tensor, y: Tensor, *, schedule: BetaSchedule, amp: s
 
 def _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_step) -> None:
     run.objective.train(run.fingerprint.get("train_mode", True))
-    device = model_device(run.model)
     total = len(data) if hasattr(data, "__len__") else None
     it = epoch_batches(run, data)
     bar = tqdm(
@@ -406,8 +426,7 @@ def _run_epoch(run, data, step_fn, checkpoint, checkpoint_every, progress, on_st
         leave=False,
     )
     for batch in bar:
-        x, y = split_batch(batch, device, need_target=True)
-        values = step_fn(run, x, y)
+        values = step_fn(run, batch)
         run.step += 1
         run.global_step += 1
         for k, v in values.items():
