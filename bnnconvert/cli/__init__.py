@@ -7,6 +7,7 @@ One module per command group, each a thin layer over public library functions:
 - :mod:`~bnnconvert.cli.convert_cmd`: ``saliency``, ``convert``;
 - :mod:`~bnnconvert.cli.train_cmd`: ``train``;
 - :mod:`~bnnconvert.cli.evaluate_cmd`: ``evaluate``, ``info``;
+- :mod:`~bnnconvert.cli.predict_cmd`: ``predict``;
 - :mod:`~bnnconvert.cli.flops_cmd`, :mod:`~bnnconvert.cli.benchmark_cmd`,
   :mod:`~bnnconvert.cli.demo_cmd`: ``flops``, ``benchmark``, ``demo``.
 
@@ -21,11 +22,12 @@ from .evaluate_cmd import evaluate, info
 from .flops_cmd import flops
 from .group import BnnGroup, main
 from .options import data_options, model_options
+from .predict_cmd import predict_command
 from .train_cmd import train
 
 __all__ = ["BnnGroup", "data_options", "main", "model_options"]
 
-for _command in (saliency, convert, train, evaluate, info):
+for _command in (saliency, convert, train, evaluate, predict_command, info):
     main.add_command(_command)
 for _command in (flops, benchmark_command, demo_command):  # under "More commands" in --help
     main.add_more_command(_command)
