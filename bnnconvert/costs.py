@@ -45,8 +45,8 @@ __all__ = [
 class MethodCost:
     """The cost of one method, absolute FLOPs and parameters (see :class:`ComparisonTable`).
 
-    forward: one eval-mode forward (one sample); inference: a prediction (S samples, or M
-    members); train_step: one training step; train_run: the whole training run.
+    forward: one eval-mode forward (one sample); inference: a prediction (S_inf samples, or
+    M members); train_step: one training step; train_run: the whole training run.
     """
 
     method: str
@@ -63,11 +63,13 @@ class ComparisonTable:
     """Cost of each method in multiples of the deterministic model, like Table 1 of the
     preprint. ``str(table)`` renders markdown; ``multiples()`` gives the numbers.
 
-    The first row is the deterministic model (1x by definition).
+    The first row is the deterministic model (1x by definition). ``samples`` is S of
+    each training step, ``inference_samples`` S_inf of each prediction.
     """
 
     rows: list[MethodCost]
     samples: int
+    inference_samples: int
     members: int
     epochs: int
     full_bayes_epochs: int
@@ -108,8 +110,9 @@ class ComparisonTable:
         return "\n".join([
             f"Counted by fvcore on {self.device}, input {shapes}; "
             f"{convention_note(self.convention)}.",
-            f"- inference: S = {s} forwards for the Bayesian models (eval mode), M = {m} "
-            "member forwards for the ensemble, over one deterministic forward.",
+            f"- inference: S = {self.inference_samples} forwards for the Bayesian models "
+            f"(eval mode), M = {m} member forwards for the ensemble, over one deterministic "
+            "forward.",
             f"- training step: (1 + {b:g} backward) x (S = {s} training-mode forwards + one KL) "
             f"for the Bayesian models, M = {m} deterministic steps for the ensemble, over "
             "one deterministic step (1 forward + backward). A Bayesian model's forward costs "
@@ -134,6 +137,7 @@ def compare_method_costs(
     r_values: Sequence[float] = (0.01, 0.05, 0.2),
     members: int = 5,
     samples: int = 5,
+    inference_samples: int | None = None,
     epochs: int = 50,
     steps_per_epoch: int = 1,
     saliency_batches: int | None = None,
@@ -157,7 +161,11 @@ def compare_method_costs(
             not modified.
         inputs: one batch at the training batch size (N, ...).
         r_values: the fractions of Bayesian entries of the partial models, in (0, 1].
-        members: M, the ensemble size. samples: S, Monte Carlo samples (train and test).
+        members: M, the ensemble size. samples: S, Monte Carlo samples per training step
+            (and per prediction unless ``inference_samples`` is given).
+        inference_samples: S_inf, Monte Carlo samples per prediction (the inference
+            column); default ``samples``. Pass the S that the predictions beside the
+            table use.
         epochs: training epochs of every method (the paper: 50).
         steps_per_epoch: optimiser steps (batches) per epoch.
         saliency_batches: batches of the saliency pass (default: one epoch).
@@ -174,11 +182,11 @@ def compare_method_costs(
     What the multiples count (F: one deterministic forward on ``inputs``; k: Bayesian
     entries; each multiple is over the deterministic model's same quantity):
 
-    - inference: the ensemble runs M forwards (M x). A Bayesian model runs S forwards of a
-      network costing F plus its sampling, 5 FLOPs per Bayesian entry for bnnconvert
+    - inference: the ensemble runs M forwards (M x). A Bayesian model runs S_inf forwards
+      of a network costing F plus its sampling, 5 FLOPs per Bayesian entry for bnnconvert
       (softplus, the sigma scale, normal draw, multiply, add) and 5 for bayesian-torch
-      (exp and log1p instead of softplus, no scale): S x (1 + 5k / F). Every sample is
-      counted as a full forward.
+      (exp and log1p instead of softplus, no scale): S_inf x (1 + 5k / F). Every sample
+      is counted as a full forward.
     - training step: deterministic (1 + b) x F with b the backward factor; a Bayesian
       model (1 + b) x (S x (F + sampling) + KL), the KL costing about 12 FLOPs per
       Bayesian entry; the ensemble M deterministic steps. So a partial model costs about
@@ -194,8 +202,13 @@ def compare_method_costs(
     - Forwards are counted in eval mode for inference and in training mode for training
       (BatchNorm: 2 vs 5 FLOPs per element).
     """
+    inference_samples = samples if inference_samples is None else inference_samples
     check_positive_int(
-        members=members, samples=samples, epochs=epochs, steps_per_epoch=steps_per_epoch
+        members=members,
+        samples=samples,
+        inference_samples=inference_samples,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
     )
     if full_bayes_epochs is not None:
         check_positive_int(full_bayes_epochs=full_bayes_epochs)
@@ -209,7 +222,8 @@ def compare_method_costs(
         device = model_device(base) or torch.device("cpu")
     device = torch.device(device)
     plan = _Plan(
-        inputs, samples, epochs * steps_per_epoch, backward_factor, device, convention,
+        inputs, samples, inference_samples, epochs * steps_per_epoch, backward_factor, device,
+        convention,
         saliency_batches=steps_per_epoch if saliency_batches is None else saliency_batches,
         full_steps=(full_bayes_epochs or epochs) * steps_per_epoch,
     )  # fmt: skip
@@ -224,8 +238,8 @@ def compare_method_costs(
         rows.append(plan.bayesian_torch(base))
     shapes = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
     return ComparisonTable(
-        rows, samples, members, epochs, full_bayes_epochs or epochs, pretrain_epochs,
-        steps_per_epoch, plan.saliency_batches, backward_factor, convention,
+        rows, samples, inference_samples, members, epochs, full_bayes_epochs or epochs,
+        pretrain_epochs, steps_per_epoch, plan.saliency_batches, backward_factor, convention,
         tuple(tuple(x.shape) for x in shapes if isinstance(x, Tensor)), str(device),
     )  # fmt: skip
 
@@ -254,6 +268,7 @@ class _Plan:
 
     inputs: Tensor | Sequence[Tensor]
     samples: int
+    inference_samples: int
     steps: int
     backward_factor: float
     device: torch.device
@@ -285,7 +300,7 @@ class _Plan:
         return self._method("Bayesian (bayesian-torch dnn_to_bnn)", model, self.full_steps, 0)
 
     def _method(self, label: str, model: nn.Module, steps: int, saliency: int) -> MethodCost:
-        inference = self._forward(model, samples=self.samples)
+        inference = self._forward(model, samples=self.inference_samples)
         train = self._train(model, self.samples, steps, saliency)
         return MethodCost(
             label, inference.bayesian_entries, _num_parameters(model),

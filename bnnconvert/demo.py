@@ -59,7 +59,7 @@ from .flops import count_flops, count_prediction_flops
 from .layers import bayesian_layers, set_sigma_scale
 from .losses import task_loss
 from .methods import Deterministic, LaplaceLastLayer, results_markdown
-from .metrics import entropy_auroc, evaluate
+from .metrics import ECE_BINS, entropy_auroc, evaluate
 from .models import UNet, resnet18
 from .plots import reliability_diagram, segmentation_overlay
 from .posterior import METHODS, fit_posterior
@@ -183,10 +183,6 @@ FULL_RECIPE = Recipe(TrainSettings(samples=5), pretrain_momentum=0.0)
 BATCH_SIZE = {"classification": 50, "segmentation": 10}
 """The paper's batch sizes."""
 
-ECE_BINS = 15
-"""Bins of the reliability diagrams: those of the ECE in the tables
-(:func:`bnnconvert.metrics.evaluate`'s default)."""
-
 
 @dataclass
 class DemoResult:
@@ -199,7 +195,8 @@ class DemoResult:
             "parameters", "train_flops_x" (the whole pipeline over the deterministic
             pipeline of P + E epochs), "inference_flops_x", "epochs", "note").
         flops: the cost of the paper's rows (:class:`~bnnconvert.costs.ComparisonTable`)
-            for the classifier and the UNet.
+            for the classifier and the UNet: training steps of S = ``training.samples``,
+            predictions of S = ``eval_samples``, the S of the predictions in the tables.
         budget, recipe, seed, seconds: the settings and the wall time of the run.
         files: every file written, in the output folder.
     """
@@ -246,8 +243,8 @@ class DemoResult:
         for name, table in self.flops.items():
             lines += ["", f"## FLOPs of the paper's rows ({name}, fvcore)", "", str(table)]
             lines.append(
-                f"- This table counts S = {t.samples} samples per training step and per "
-                f"forward; the tables above count S = {r.eval_samples} per prediction."
+                f"- This table counts S = {table.samples} samples per training step and "
+                f"S = {table.inference_samples} per prediction, as the tables above."
             )
         return "\n".join(lines) + "\n"
 
@@ -443,8 +440,9 @@ class _Run:
             )  # fmt: skip
         table = compare_method_costs(
             step_one, x, r_values=self.budget.r_values, samples=self.recipe.training.samples,
-            epochs=epochs, steps_per_epoch=len(data), pretrain_epochs=pretrain,
-            bayesian_torch=False, device=self.device,
+            inference_samples=self.recipe.eval_samples, epochs=epochs,
+            steps_per_epoch=len(data), pretrain_epochs=pretrain, bayesian_torch=False,
+            device=self.device,
         )  # fmt: skip
         return rows, table
 

@@ -13,8 +13,9 @@ Conventions (every function documents its own shapes):
   dicts of :func:`evaluate` / :class:`SegmentationMeter`, which hold Python floats.
 
 What builds on torchmetrics: AUROC (``binary_auroc``, exact, equal to scikit-learn's
-``roc_auc_score``) and the per-image, per-class TP/FP/FN counts behind Dice and IoU
-(``multiclass_stat_scores``). Calibration is binned here: torchmetrics'
+``roc_auc_score``), average precision (``binary_average_precision``, equal to
+scikit-learn's ``average_precision_score``) and the per-image, per-class TP/FP/FN counts
+behind Dice and IoU (``multiclass_stat_scores``). Calibration is binned here: torchmetrics'
 ``CalibrationError`` keeps every confidence in memory (unbounded for segmentation) and
 puts confidence 1.0 in a bin of its own; :func:`calibration_bins` keeps O(n_bins)
 sums, mergeable across batches, with the bins (lo, hi] of Guo et al. (2017) (it equals
@@ -31,12 +32,18 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc, multiclass_stat_scores
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    binary_average_precision,
+    multiclass_stat_scores,
+)
 
 from .predict import Prediction, categorical_entropy, uncertainty_terms
 
 __all__ = [
+    "ECE_BINS",
     "METRIC_KEYS",
+    "OOD_SCORES",
     "SegmentationMeter",
     "accuracy",
     "adaptive_calibration_error",
@@ -54,14 +61,28 @@ __all__ = [
     "expected_calibration_error",
     "expected_entropy",
     "fpr_at_tpr",
+    "image_uncertainty",
     "iou",
     "mutual_information",
     "nll",
+    "ood_scores",
     "overlap_counts",
+    "risk_coverage",
 ]
 
 Task = Literal["multiclass", "multilabel"]
 TASKS = ("multiclass", "multilabel")
+
+ECE_BINS = 15
+"""The number of equal-width bins of the ECE: the default of every calibration function
+here, of :func:`evaluate` (so of the CLI's tables) and of the reliability diagrams of
+:mod:`bnnconvert.plots`, which therefore draw the bins of the printed ECE."""
+
+OOD_SCORES = ("entropy", "mutual_info", "max_prob")
+"""The per-image uncertainty scores of :func:`image_uncertainty` and :func:`ood_scores`:
+the entropy of the expected prediction (total uncertainty), the mutual information
+(epistemic part) and 1 - the maximum probability (the baseline of Hendrycks and Gimpel,
+2017)."""
 
 _CLASSIFICATION_KEYS = (
     "accuracy",
@@ -515,7 +536,7 @@ def confidence_and_correct(
     return probs.reshape(-1), y.reshape(-1)
 
 
-def calibration_bins(confidence: Tensor, correct: Tensor, n_bins: int = 15) -> Tensor:
+def calibration_bins(confidence: Tensor, correct: Tensor, n_bins: int = ECE_BINS) -> Tensor:
     """Sums per equal-width confidence bin, shape (3, n_bins), float64:
     row 0 the count, row 1 the sum of confidences, row 2 the sum of outcomes.
 
@@ -549,7 +570,7 @@ def ece_from_bins(bins: Tensor) -> Tensor:
 
 
 def expected_calibration_error(
-    probs: Tensor, targets: Tensor, *, task: Task = "multiclass", n_bins: int = 15
+    probs: Tensor, targets: Tensor, *, task: Task = "multiclass", n_bins: int = ECE_BINS
 ) -> Tensor:
     """Expected calibration error with ``n_bins`` equal-width bins (Guo et al., 2017):
 
@@ -558,7 +579,7 @@ def expected_calibration_error(
     acc_b and conf_b the mean outcome and mean confidence of the n_b pairs in bin b of
     (confidence, outcome) pairs from :func:`confidence_and_correct` (top-label for
     multiclass, per label for multilabel). The papers use 10 bins (the reference code)
-    and 100 (nnU-Net checkpoint ensembles); 15 is the common default.
+    and 100 (nnU-Net checkpoint ensembles); 15 (:data:`ECE_BINS`) is the common default.
 
     Args:
         probs: (N, C, *spatial); targets: (N, *spatial) or (N, L, *spatial).
@@ -570,7 +591,7 @@ def expected_calibration_error(
 
 
 def adaptive_calibration_error(
-    probs: Tensor, targets: Tensor, *, task: Task = "multiclass", n_bins: int = 15
+    probs: Tensor, targets: Tensor, *, task: Task = "multiclass", n_bins: int = ECE_BINS
 ) -> Tensor:
     """Adaptive ECE: the ECE formula over equal-mass bins (Nixon et al., 2019).
 
@@ -589,18 +610,18 @@ def adaptive_calibration_error(
     return total / conf.numel() if conf.numel() else torch.tensor(math.nan)
 
 
-def aurc(
+def risk_coverage(
     probs: Tensor,
     targets: Tensor,
     *,
     task: Task = "multiclass",
     confidence: Tensor | None = None,
-) -> Tensor:
-    """Area under the risk-coverage curve (Geifman et al., 2018), lower is better.
+) -> tuple[Tensor, Tensor]:
+    """The risk-coverage curve of selective prediction (Geifman et al., 2018).
 
     Items are ranked by decreasing confidence; keeping the k most confident gives the
-    risk r_k = (errors among them) / k at coverage k / M. AURC = (1/M) sum_k r_k.
-    Tied confidences keep their input order.
+    risk r_k = (errors among them) / k at coverage k / M, k = 1..M. Tied confidences keep
+    their input order.
 
     Args:
         probs: (N, C, *spatial) (multiclass: an error is argmax != y, default confidence
@@ -609,6 +630,8 @@ def aurc(
         targets: (N, *spatial) or (N, L, *spatial).
         confidence: optional ranking score of the items' shape, higher = more confident,
             e.g. ``-prediction.entropy``.
+
+    Returns (coverage, risk), both (M,) float64, coverage increasing from 1/M to 1.
     """
     _check_task(task)
     if task == "multiclass":
@@ -622,8 +645,20 @@ def aurc(
         raise ValueError(f"confidence has {conf.numel()} items, expected {correct.numel()}")
     order = conf.argsort(descending=True, stable=True)
     errors = (1 - correct[order].double()).cumsum(0)
-    risk = errors / torch.arange(1, len(errors) + 1, dtype=torch.float64, device=errors.device)
-    return risk.mean()
+    kept = torch.arange(1, len(errors) + 1, dtype=torch.float64, device=errors.device)
+    return kept / len(errors), errors / kept
+
+
+def aurc(
+    probs: Tensor,
+    targets: Tensor,
+    *,
+    task: Task = "multiclass",
+    confidence: Tensor | None = None,
+) -> Tensor:
+    """Area under the risk-coverage curve (Geifman et al., 2018), lower is better:
+    AURC = (1/M) sum_k r_k over the curve of :func:`risk_coverage` (same arguments)."""
+    return risk_coverage(probs, targets, task=task, confidence=confidence)[1].mean()
 
 
 # --------------------------------------------------------------------- AULA
@@ -671,16 +706,101 @@ def aula(
 # --------------------------------------------------------------------- evaluation
 
 
+def image_uncertainty(prediction: Prediction, score: str = "entropy") -> Tensor:
+    """One uncertainty score per image (item), higher = more uncertain, shape (N,) float64.
+
+    ``score`` is one of :data:`OOD_SCORES`: "entropy" (``prediction.entropy``),
+    "mutual_info" (``prediction.mutual_info``: no samples need to be kept, the
+    :class:`Prediction` holds it per item) or "max_prob" (1 - max_c p_c for softmax,
+    1 - max(p, 1 - p) per entry for sigmoid). Per-pixel or per-label values, (N, *spatial)
+    or (N, L, ...), are averaged over each image.
+
+    Args:
+        prediction: a "softmax" or "sigmoid" :class:`Prediction` of N items.
+    """
+    if score not in OOD_SCORES:
+        raise ValueError(f"score must be one of {OOD_SCORES}, got {score!r}")
+    if prediction.activation not in ("softmax", "sigmoid"):
+        raise ValueError(
+            f"the {score!r} score needs probabilities, got a prediction of raw outputs "
+            f"(activation={prediction.activation!r}); predict with activation='softmax' or "
+            "'sigmoid'"
+        )
+    if score == "max_prob":
+        probs = prediction.probs
+        if prediction.activation == "sigmoid":
+            values = 1 - torch.maximum(probs, 1 - probs)
+        else:
+            values = 1 - probs.amax(1)
+    else:
+        values = getattr(prediction, score)
+    values = values.double().cpu()
+    return values.flatten(1).mean(1) if values.dim() > 1 else values
+
+
+def _ood_auroc(in_scores: Tensor, out_scores: Tensor) -> float:
+    """AUROC of OOD (positives) against in-distribution (negatives) scores (N,), (M,)."""
+    scores = torch.cat([in_scores, out_scores])
+    labels = torch.cat([torch.zeros(len(in_scores)), torch.ones(len(out_scores))]).long()
+    return float(auc(scores[:, None], labels[:, None], task="multilabel"))
+
+
 def entropy_auroc(in_distribution: Prediction, ood: Prediction) -> float:
     """AUROC of telling ``ood`` (positives) from ``in_distribution`` (negatives) by the
-    entropy of the expected prediction, per image (the mean over pixels or labels).
+    entropy of the expected prediction, per image (the mean over pixels or labels):
+    ``ood_scores(in_distribution, ood)["entropy"]["auroc"]`` without the other scores.
 
     Both predictions need an activation with entropies ("softmax" or "sigmoid"); their
     ``entropy`` is (N,) or (N, *spatial) / (N, L), reduced to (N,) per image.
     """
-    scores = torch.cat([_image_entropy(in_distribution), _image_entropy(ood)])
+    return _ood_auroc(image_uncertainty(in_distribution), image_uncertainty(ood))
+
+
+def ood_scores(in_distribution: Prediction, ood: Prediction) -> dict[str, dict[str, float]]:
+    """How well each uncertainty score tells ``ood`` items (the positive class) from
+    ``in_distribution`` items (negatives), one score per image (:func:`image_uncertainty`).
+
+    For each score of :data:`OOD_SCORES` ("entropy", "mutual_info", "max_prob"):
+
+    - "auroc": area under the ROC curve (scikit-learn's ``roc_auc_score``), higher is
+      better, 0.5 is chance;
+    - "aupr": area under the precision-recall curve with OOD positive, as average
+      precision sum_n (R_n - R_(n-1)) P_n (scikit-learn's ``average_precision_score``,
+      no interpolation); chance is the OOD share M / (N + M);
+    - "fpr95": the in-distribution share flagged at 95 % of the OOD items flagged
+      (:func:`fpr_at_tpr`), lower is better.
+
+    A deterministic model (samples identical) has mutual information 0 everywhere: its
+    "mutual_info" row is chance (AUROC 0.5).
+
+    Args:
+        in_distribution: a "softmax" or "sigmoid" :class:`Prediction` of N >= 1 test items
+            (classification (N, C), or segmentation (N, C, *spatial): per-image means).
+        ood: the :class:`Prediction` of M >= 1 out-of-distribution items, same activation.
+
+    Returns {score: {"auroc", "aupr", "fpr95"}} of Python floats.
+    """
+    if len(in_distribution) == 0 or len(ood) == 0:
+        raise ValueError(
+            f"ood_scores needs at least one in-distribution and one OOD item, got "
+            f"{len(in_distribution)} and {len(ood)}"
+        )
+    if in_distribution.activation != ood.activation:
+        raise ValueError(
+            f"the predictions have different activations ({in_distribution.activation!r}, "
+            f"{ood.activation!r}); predict both with the same activation"
+        )
     labels = torch.cat([torch.zeros(len(in_distribution)), torch.ones(len(ood))]).long()
-    return float(auc(scores[:, None], labels[:, None], task="multilabel"))
+    results = {}
+    for score in OOD_SCORES:
+        negatives = image_uncertainty(in_distribution, score)
+        positives = image_uncertainty(ood, score)
+        results[score] = {
+            "auroc": _ood_auroc(negatives, positives),
+            "aupr": float(binary_average_precision(torch.cat([negatives, positives]), labels)),
+            "fpr95": fpr_at_tpr(negatives, positives, 0.95),
+        }
+    return results
 
 
 def fpr_at_tpr(in_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95) -> float:
@@ -700,11 +820,6 @@ def fpr_at_tpr(in_scores: Tensor, ood_scores: Tensor, tpr: float = 0.95) -> floa
     ood = ood_scores.double().flatten().sort(descending=True).values
     threshold = ood[math.ceil(tpr * ood.numel()) - 1]  # flag score >= threshold
     return float((in_scores.double().flatten() >= threshold).double().mean())
-
-
-def _image_entropy(prediction: Prediction) -> Tensor:
-    entropy = prediction.entropy.double().cpu()
-    return entropy.flatten(1).mean(1) if entropy.dim() > 1 else entropy
 
 
 def _two_class(probs: Tensor) -> Tensor:
@@ -738,7 +853,7 @@ class SegmentationMeter:
         num_classes: int | None = None,
         *,
         include_background: bool = False,
-        n_bins: int = 15,
+        n_bins: int = ECE_BINS,
         empty: float = 1.0,
         eps: float = 1e-12,
     ) -> None:
@@ -865,7 +980,7 @@ def evaluate(
     targets: Tensor | None = None,
     task: Literal["multiclass", "multilabel", "segmentation"] = "multiclass",
     *,
-    n_bins: int = 15,
+    n_bins: int = ECE_BINS,
     num_classes: int | None = None,
 ) -> dict[str, float]:
     """Every metric of ``task`` for a :class:`Prediction`, as {key: float}.

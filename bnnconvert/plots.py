@@ -1,4 +1,5 @@
-"""Figures of the papers: reliability diagram, segmentation overlay, r_bayes sweep.
+"""Figures of the papers: reliability diagram, risk-coverage curve, segmentation overlay,
+r_bayes sweep.
 
 matplotlib is an optional extra (``pip install bnnconvert[plots]``), imported only when a
 function is called. Figures are built on matplotlib's Agg canvas without pyplot, so no
@@ -17,12 +18,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import Tensor
 
-from .metrics import Task, calibration_bins, confidence_and_correct, ece_from_bins
+from .metrics import (
+    ECE_BINS,
+    Task,
+    aurc,
+    calibration_bins,
+    confidence_and_correct,
+    ece_from_bins,
+    risk_coverage,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["r_bayes_sweep", "reliability_diagram", "segmentation_overlay"]
+__all__ = ["r_bayes_sweep", "reliability_diagram", "risk_coverage_curve", "segmentation_overlay"]
 
 TP_COLOR = (0.0, 0.8, 0.0)  # green
 FP_COLOR = (0.0, 0.3, 1.0)  # blue
@@ -60,7 +69,7 @@ def _numpy(x: Tensor | np.ndarray) -> np.ndarray:
 def reliability_diagram(
     probs: Tensor,
     targets: Tensor,
-    n_bins: int = 10,
+    n_bins: int = ECE_BINS,
     path: str | os.PathLike | None = None,
     *,
     task: Task = "multiclass",
@@ -68,7 +77,9 @@ def reliability_diagram(
     figsize: tuple[float, float] = (5.0, 6.0),
     dpi: int = 100,
 ) -> Figure:
-    """Reliability diagram: accuracy vs confidence over ``n_bins`` equal-width bins.
+    """Reliability diagram: accuracy vs confidence over ``n_bins`` equal-width bins
+    (default :data:`~bnnconvert.metrics.ECE_BINS`, the bins of the ECE that
+    :func:`bnnconvert.metrics.evaluate` reports).
 
     Top: per bin, the mean outcome (bars) against the diagonal of perfect calibration,
     the gap to the mean confidence shaded; the ECE (same bins) in the legend. Bottom: the
@@ -124,6 +135,54 @@ def reliability_diagram(
     top.legend(loc="upper left", fontsize="small")
     bottom.bar(centers, count / max(count.sum(), 1), width=width, color="gray", edgecolor="black")
     bottom.set(xlim=(0, 1), xlabel="confidence", ylabel="share")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------- risk-coverage
+def risk_coverage_curve(
+    probs: Tensor,
+    targets: Tensor,
+    path: str | os.PathLike | None = None,
+    *,
+    task: Task = "multiclass",
+    confidence: Tensor | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] = (5.0, 4.0),
+    dpi: int = 100,
+) -> Figure:
+    """Risk-coverage curve of selective prediction: the error rate among the items kept
+    when only the most confident fraction (the coverage) is kept, with the AURC
+    (:func:`bnnconvert.metrics.aurc`, lower is better) in the legend and the error rate of
+    every item (coverage 1) as a dotted line. Curve and area as
+    :func:`bnnconvert.metrics.risk_coverage`.
+
+    Args:
+        probs: (N, C, *spatial) mean probabilities; targets: (N, *spatial) or
+            (N, L, *spatial).
+        confidence: the ranking score of the items (default: the top probability), e.g.
+            ``-prediction.entropy``.
+        path: write a PNG there.
+
+    Returns the Figure.
+    """
+    coverage, risk = risk_coverage(probs, targets, task=task, confidence=confidence)
+    if len(risk) == 0:
+        raise ValueError("risk_coverage_curve needs at least one item, got none")
+    area = float(aurc(probs, targets, task=task, confidence=confidence))
+    fig = _figure(figsize, dpi)
+    ax = fig.subplots()
+    ax.plot(_numpy(coverage), _numpy(risk), color="tab:blue", label=f"AURC = {area:.4f}")
+    full = float(risk[-1])
+    ax.axhline(full, color="gray", linestyle=":", label=f"error rate, all kept ({full:.3f})")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, max(1e-3, 1.2 * float(risk.max()))),
+        xlabel="coverage (fraction kept, most confident first)",
+        ylabel="risk (error rate among kept)",
+        title=title or "Risk-coverage curve",
+    )
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     return _save(fig, path)
 

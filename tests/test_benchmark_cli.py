@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
 import bnnconvert
 from bnnconvert.cli import main
+from bnnconvert.flops import count_flops
 from bnnconvert.methods.comparison import SWEEP_R_BAYES, sweep_method_names
 from bnnconvert.methods.registry import check_method_names
 from bnnconvert.models import resnet18
@@ -124,6 +126,20 @@ def test_parameters_are_the_model_plus_the_bayesian_sigmas(bench):
     for row in data["sweep"]:  # one sigma per selected entry: k = round(r N)
         assert row["parameters"] == base + round(row["r_bayes"] * entries)
     assert by["partial1"]["parameters"] == data["sweep"][0]["parameters"]  # trained once
+
+
+def test_inference_flops_count_the_samples_of_the_predictions(bench):
+    """The inference column counts one prediction as the metrics beside it ran it: S = 2
+    (--samples) forwards of the partial model, each F + 5 FLOPs per Bayesian entry, M = 5
+    member forwards for the ensemble; F: one forward of the batch of 20."""
+    by = {r["method"]: r for r in json.loads((bench / "results.json").read_text())["rows"]}
+    model = tiny_cnn()
+    forward = count_flops(model, torch.randn(20, 1, 28, 28)).total
+    k = round(0.01 * conv_linear_entries(model))
+    assert by["deterministic"]["inference_flops"] == forward
+    assert by["ensemble5"]["inference_flops"] == 5 * forward
+    assert by["partial1"]["inference_flops"] == 2 * (forward + 5 * k)
+    assert by["partial1"]["inference_flops_x"] == pytest.approx(2 * (forward + 5 * k) / forward)
 
 
 def png_size(path: Path) -> tuple[int, int]:

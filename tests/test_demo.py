@@ -10,12 +10,14 @@ import json
 import math
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
 from bnnconvert.cli import main
 from bnnconvert.demo import BUDGETS, Recipe, _slug, run_demo
+from bnnconvert.flops import count_flops
 from bnnconvert.models import UNet, resnet18
 
 RECIPE = Recipe()
@@ -110,12 +112,13 @@ def test_parameters_and_costs_follow_the_recipe(cli_run):
     each), the recommended recipe one per entry of its selection. Training cost in epochs
     of deterministic steps over the checkpoint's P + E: the paper's P + saliency + E x S;
     inference: S forwards per prediction against one."""
-    _, _, res = cli_run
+    _, stdout, res = cli_run
     budget, samples, eval_samples = BUDGETS["quick"], RECIPE.training.samples, RECIPE.eval_samples
-    for kind, model, p, e in (
-        ("classification", resnet18(10, 1), budget.pretrain_epochs, budget.epochs),
+    for kind, model, p, e, table, batch in (
+        ("classification", resnet18(10, 1), budget.pretrain_epochs, budget.epochs,
+         "ResNet18, digits", (50, 1, 28, 28)),
         ("segmentation", UNet(1, 2, base=budget.unet_base), budget.seg_pretrain_epochs,
-         budget.seg_epochs),
+         budget.seg_epochs, "UNet, nuclei", (10, 1, 64, 64)),
     ):  # fmt: skip
         rows = {r["method"]: r for r in res[kind]}
         det = sum(q.numel() for q in model.parameters())
@@ -140,6 +143,13 @@ def test_parameters_and_costs_follow_the_recipe(cli_run):
         else:
             assert 1.0 < rows[NAME[kind]]["inference_flops_x"] < 1.05
         assert rows[f"{NAME[kind]}, at its means"]["inference_flops_x"] == pytest.approx(1.0)
+        # the FLOP table of the paper's rows counts a prediction at the S of the metrics
+        # beside it: S x (F + 5k) / F on a training batch, as the metrics table's row
+        forward = count_flops(model, torch.randn(batch)).total
+        inference = res["flops"][table]["partial r = 1 %"]["inference"]
+        assert inference == pytest.approx(eval_samples * (forward + 5 * k) / forward, rel=1e-9)
+        assert inference == pytest.approx(rows[PAPER]["inference_flops_x"], rel=0.02)
+    assert f"S = {samples} samples per training step and S = {eval_samples} per" in stdout
 
 
 @pytest.mark.integration

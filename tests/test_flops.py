@@ -203,6 +203,26 @@ def test_compare_method_costs(small):
     assert str(table).startswith("| method |") and "3.36x" in str(table)
 
 
+def test_compare_method_costs_counts_inference_with_the_predictions_samples(small):
+    """Training steps at S = 2, predictions at S = 7 (as the demo's tables): the inference
+    column is 7 x (F + 5k) / F, the training columns those of a table at S = 2."""
+    x = torch.randn(2, 3, 8, 8)
+    table = compare_method_costs(small, x, samples=2, inference_samples=7, epochs=2,
+                                 bayesian_torch=False)  # fmt: skip
+    same = compare_method_costs(small, x, samples=2, epochs=2, bayesian_torch=False)
+    det, mult = table.rows[0], table.multiples()
+    assert table.inference_samples == 7 and same.inference_samples == 2
+    for row, other in zip(table.rows[2:], same.rows[2:]):  # the Bayesian rows
+        expected = 7 * (det.forward + 5 * row.bayesian_entries)
+        assert row.inference == expected
+        assert mult[row.method]["inference"] == pytest.approx(expected / det.forward)
+        assert other.inference == 2 * (det.forward + 5 * row.bayesian_entries)
+        assert (row.train_step, row.train_run) == (other.train_step, other.train_run)
+    assert "S = 7 forwards" in table.notes() and "S = 2 training-mode" in table.notes()
+    with pytest.raises(ValueError, match="inference_samples"):
+        compare_method_costs(small, x, inference_samples=0)
+
+
 def test_flops_report_text(small):
     text = flops_report_text(small, "1,3,8,8", compare=True)
     assert "(total)" in text and "| partial r = 1 % |" in text
