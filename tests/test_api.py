@@ -11,6 +11,7 @@ import pytest
 import bnnconvert
 
 TOP_LEVEL = [
+    "BatchFormat",
     "BayesSummary", "BetaSchedule", "Calibration", "ComparisonTable", "ELBOTerms",
     "FlopReport", "PosteriorReport", "Prediction", "RSweep", "Saliency", "bayes_summary",
     "calibrate_posterior", "compare_method_costs", "compare_methods", "compute_saliency",
