@@ -68,6 +68,8 @@ from tqdm.auto import tqdm
 
 from . import plots
 from ._utils import (
+    BatchFormat,
+    Inputs,
     atomic_write_bytes,
     atomic_write_text,
     check_output_folder,
@@ -259,8 +261,9 @@ class _Writer:
     files: list[Path] = field(default_factory=list)
     names: set[str] = field(default_factory=set)
 
-    def add(self, x: Tensor, prediction: Prediction) -> None:
-        """Write the cases of one batch: inputs x (B, ...), their prediction."""
+    def add(self, x: Inputs, prediction: Prediction) -> None:
+        """Write the cases of one batch: inputs x (B, ...) (keyword inputs: a mapping),
+        their prediction."""
         if self.task is None:  # neither given nor declared by the data: from the outputs
             segmentation = prediction.probs.ndim > 2
             multilabel = self.activation == "sigmoid"
@@ -272,7 +275,8 @@ class _Writer:
         means = _case_means(entries)
         start = len(self.rows)
         rows = [
-            self._row(start + j, {k: float(v[j]) for k, v in means.items()}) for j in range(len(x))
+            self._row(start + j, {k: float(v[j]) for k, v in means.items()})
+            for j in range(len(prediction))
         ]
         if self.task == "segmentation":
             self._segmentation(x, prediction, entries, rows)
@@ -313,9 +317,10 @@ class _Writer:
 
     # ------------------------------------------------------------- segmentation
     def _segmentation(
-        self, x: Tensor, prediction: Prediction, entries: dict[str, Tensor], rows: list[dict]
+        self, x: Inputs, prediction: Prediction, entries: dict[str, Tensor], rows: list[dict]
     ) -> None:
         targets, label = prediction.targets, entries["prediction"]
+        overlays = self.overlays and isinstance(x, Tensor)  # not for keyword inputs
         foreground = (label != 0).double().flatten(1).mean(1)
         if targets is not None:
             case_dice = dice(prediction.probs, targets, per_image=True)
@@ -330,11 +335,11 @@ class _Writer:
             row["maps"] = folder.relative_to(self.folder).as_posix()
             target = None if targets is None else targets[j]
             self._maps(folder, prediction, label[j], j)
-            if self.overlays:
+            if overlays and self.overlays:
                 self._overlay(folder, x[j], label[j], target, prediction.entropy[j], row["id"])
             if self.nifti and self.sources is not None and row["index"] < len(self.sources):
                 self._nifti(folder, Path(self.sources[row["index"]]), prediction, label[j], j)
-        if self.overlays:  # matplotlib figures are reference cycles: free their buffers
+        if overlays:  # matplotlib figures are reference cycles: free their buffers
             gc.collect()  # now, not at the next full collection (bounded memory)
 
     def _case_name(self, row: dict[str, Any]) -> str:
@@ -543,6 +548,7 @@ def predict_cases(
     keep_samples: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    batch_format: BatchFormat | None = None,
 ) -> CaseReport:
     """Predict every case of ``data`` with ``samples`` Monte Carlo samples and write the
     per-case table, arrays and maps to ``out_dir`` (layout in the module docstring).
@@ -576,6 +582,9 @@ def predict_cases(
         overwrite: replace the files of an earlier run in ``out_dir`` (only the layout's
             file names are removed; other files stay).
         progress: a tqdm bar over the batches.
+        batch_format: how to read mapping batches and structured outputs
+            (:class:`bnnconvert._utils.BatchFormat`); no PNG overlay is drawn for keyword
+            inputs.
 
     Returns a :class:`CaseReport`. Raises ValueError for bad values (an output folder
     that is not empty without ``overwrite``, ``flag_top`` outside (0, 1], no batch),
@@ -600,7 +609,7 @@ def predict_cases(
     total = len(data) if hasattr(data, "__len__") else None
     with _seeded(seed, model):
         for batch in tqdm(data, desc="predict", unit="batch", total=total, disable=not progress):
-            x, _ = split_batch(batch)
+            x, _ = split_batch(batch, batch_format=batch_format)
             (prediction,) = predict_batches(
                 model,
                 [batch],
@@ -610,6 +619,7 @@ def predict_cases(
                 device=device,
                 output_device="cpu",
                 progress=False,
+                batch_format=batch_format,
             )
             writer.add(x, prediction)
     return writer.finish(flag_top, samples, seed)

@@ -307,3 +307,18 @@ def test_nifti_inputs_get_nifti_maps_with_their_affine(tmp_path):
         image = nibabel.load(case / f"{name}.nii.gz")
         np.testing.assert_allclose(image.get_fdata(), np.load(case / f"{name}.npy"), rtol=1e-6)
         np.testing.assert_allclose(image.affine, affine)
+
+
+def test_mapping_batches_give_the_tuple_batches_values(ws, tmp_path):
+    from bnnconvert._utils import BatchFormat
+
+    model = bnnconvert.load(ws / "nuclei.pt")
+    pairs = list(open_data("demo:nuclei", "test", batch_size=4))[:2]
+    dicts = [{"image": x, "label": y} for x, y in pairs]
+    predict_cases(model, pairs, tmp_path / "tuples", samples=2, seed=SEED)
+    fmt = BatchFormat("image", "label")
+    predict_cases(model, dicts, tmp_path / "dicts", samples=2, seed=SEED, batch_format=fmt)
+    assert _rows(tmp_path / "tuples" / "cases.csv") == _rows(tmp_path / "dicts" / "cases.csv")
+    for name in ("probs.npy", "mutual_info.npy", "overlay.png"):
+        tuples = (tmp_path / "tuples" / "cases" / "7" / name).read_bytes()
+        assert tuples == (tmp_path / "dicts" / "cases" / "7" / name).read_bytes()
