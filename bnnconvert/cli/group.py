@@ -35,6 +35,7 @@ ARGUMENT_FLAGS = {
     "inputs=...": "--input-shape",
     "out=...": "--out",
     "nproc=...": "--nproc",
+    "overwrite=True": "--overwrite",
     "input_key=...": "--input-key",
     "target_key=...": "--target-key",
 }
@@ -122,6 +123,7 @@ Examples (the paper's three steps on the bundled real digits; any MedMNIST .npz 
   bnnconvert convert det.pt --saliency saliency.pt --r-bayes 0.01 -o bayes.pt
   bnnconvert train bayes.pt --data demo:digits --epochs 2 --beta 0.01 --samples 5 -o trained.pt
   bnnconvert evaluate trained.pt --data demo:digits --samples 5 --json metrics.json
+  bnnconvert predict trained.pt --data demo:digits -o cases/ --flag-top 0.05
   bnnconvert info trained.pt
 
 \b
