@@ -18,6 +18,8 @@ from .predict import BatchFormat, Prediction, mean_weights, predict, predict_bat
 from .saliency import Saliency, compute_saliency
 from .serialization import load, load_checkpoint, save
 
+# Every public name: import it above, list it here (sorted) and give it a row in the table
+# "The top-level API" of docs/api.md; tests/test_api.py checks all three.
 __all__ = [
     "BatchFormat",
     "BayesSummary",

@@ -51,6 +51,7 @@ __all__ = [
     "load_payload",
     "model_device",
     "move_inputs",
+    "resolve_device",
     "resolve_factory",
     "split_batch",
     "tuple_batches",
@@ -216,6 +217,39 @@ def resolve_factory(spec: str, what: str = "architecture") -> Callable[..., Any]
 
 
 # ----------------------------------------------------------------------- models and batches
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch.device that ``device`` names; ``"auto"``: CUDA when available, else the CPU.
+
+    Raises ValueError for a name torch does not know (``"gpu"``) and for a CUDA device that
+    this machine does not have (no CUDA, or an index beyond the visible GPUs), so that a
+    wrong device fails before any work, not deep inside the first forward.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto' (CUDA when available, else the CPU), "
+            "'cpu', 'cuda' or 'cuda:N'"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {device!r} needs a CUDA GPU, and torch sees none here; "
+                "use 'auto' (CUDA when available, else the CPU) or 'cpu'"
+            )
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), "
+                f"numbered 0 to {count - 1}"
+            )
+    return resolved
+
+
 def model_device(model: nn.Module) -> torch.device | None:
     """The device of the model's first parameter (or buffer); None if it has neither."""
     tensor = next(model.parameters(), None)

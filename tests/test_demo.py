@@ -201,7 +201,8 @@ def test_bad_arguments_fail_before_any_output(tmp_path):
     [
         (["--quick", "--full"], "either --quick or --full"),
         (["--r-bayes", "0,5"], "r_bayes must be in (0, 1]"),
-        (["--r-bayes", "one"], "percentages separated by commas"),
+        (["--r-bayes", "one"], "'one' is not a number"),
+        (["--r-bayes", "1,5"], "r_bayes 5 is above 1 (for 5 %, write 5%)"),
     ],
 )
 def test_cli_rejects_bad_options_with_one_line(tmp_path, args, message):

@@ -29,9 +29,9 @@ __all__ = ["convert", "saliency"]
 @click.command(
     epilog="""\b
 Examples:
-  bnnconvert saliency det.pt --data chestmnist.npz --batches 100 -o saliency.pt
+  bnnconvert saliency det.pt --data demo:digits --batches 100 -o saliency.pt
   bnnconvert saliency weights.pt --arch torchvision.models:resnet18 \\
-      --arch-kwargs num_classes=14 --data chestmnist.npz --as-rgb -o saliency.pt"""
+      --arch-kwargs num_classes=14 --data chestmnist.npz --as-rgb -o saliency.pt  # your files"""
 )
 @click.argument("model")
 @click.option("--data", help="Training data (required for grad2, fisher and variance).")
@@ -53,8 +53,8 @@ Examples:
     "--top",
     default=0.01,
     show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
-    help="Fraction whose placement per layer is printed.",
+    type=r_bayes_type(),
+    help="Fraction (or percentage, 1%) of entries whose placement per layer is printed.",
 )
 @model_options
 @data_options
@@ -106,7 +106,7 @@ Examples:
   bnnconvert convert det.pt --data demo:digits --val-data demo:digits --posterior laplace \\
       --r-bayes 0.01 -o bayes.pt
   bnnconvert convert det.pt --saliency saliency.pt --r-bayes 0.01 -o bayes.pt
-  bnnconvert convert det.pt --data digits.npz --r-bayes 0.05 --moped-delta 0.1 -o bayes.pt
+  bnnconvert convert det.pt --data demo:digits --r-bayes 5% --moped-delta 0.1 -o bayes.pt
   bnnconvert convert det.pt --saliency magnitude --r-bayes 0.01 -o bayes.pt"""
 )
 @click.argument("model")
@@ -123,7 +123,7 @@ Examples:
     "--r-bayes",
     required=True,
     type=r_bayes_type(auto=True),
-    help="Fraction of entries made Bayesian, in (0, 1]: 0.01 is 1 %; or 'auto': the "
+    help="Fraction of entries made Bayesian, in (0, 1]: 0.01 or 1%; or 'auto': the "
     "smallest fraction within 1 % of the best validation NLL (needs --data, --val-data).",
 )
 @click.option(

@@ -5,24 +5,9 @@ from __future__ import annotations
 import click
 
 from ..demo import run_demo
-from ..saliency import check_r_bayes
-from .options import show_progress
+from .options import device_option, r_bayes_type, show_progress
 
 __all__ = ["demo_command"]
-
-
-def _r_values(ctx: click.Context, param: click.Parameter, value: str | None):
-    if value is None:
-        return None
-    try:
-        values = tuple(float(v) / 100 for v in value.split(","))
-        for r in values:
-            check_r_bayes(r)
-    except ValueError as exc:
-        raise click.BadParameter(
-            f"{exc}; give percentages separated by commas, e.g. 1,5,20"
-        ) from None
-    return values
 
 
 @click.command(
@@ -30,8 +15,8 @@ def _r_values(ctx: click.Context, param: click.Parameter, value: str | None):
     epilog="""\b
 Examples:
   bnnconvert demo                      # about 4 minutes on an idle 2-core CPU
-  bnnconvert demo --out results --seed 1 --r-bayes 1,5,20
-  bnnconvert demo --full --device cuda # the paper's 50 + 50 epochs, r_bayes 1 to 80 %""",
+  bnnconvert demo --out results --seed 1 --r-bayes 1%,5%,20%
+  bnnconvert demo --full               # the paper's 50 + 50 epochs, r_bayes 1 to 80 %""",
 )
 @click.option(
     "--out",
@@ -43,12 +28,12 @@ Examples:
 @click.option("--quick", is_flag=True, help="A tiny budget (seconds; for smoke tests).")
 @click.option("--full", is_flag=True, help="The paper's protocol: 50 + 50 epochs, S = 5, r 1-80 %.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds everything.")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
+@device_option
 @click.option(
     "--r-bayes",
-    callback=_r_values,
-    metavar="PERCENTS",
-    help="Bayesian fractions in percent, e.g. 1,5,20 (default: 1; --full: 1,5,10,20,40,80).",
+    type=r_bayes_type(many=True),
+    help="Bayesian fractions, comma-separated: 0.01,0.05 or 1%,5% (default: 0.01; "
+    "--full: 1%,5%,10%,20%,40%,80%).",
 )
 def demo_command(
     out: str, quick: bool, full: bool, seed: int, device: str, r_bayes: tuple | None

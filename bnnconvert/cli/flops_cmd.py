@@ -13,7 +13,7 @@ import torch
 
 from ..costs import compare_method_costs, flops_report_text, parse_input_shape
 from ..flops import count_flops
-from .options import load_cli_model, model_options
+from .options import device_option, load_cli_model, model_options
 
 __all__ = ["flops"]
 
@@ -29,8 +29,8 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
     "flops",
     epilog="""\b
 Examples:
-  bnnconvert flops bayes.pt --input-shape 1,3,224,224
-  bnnconvert flops det.pt --arch torchvision.models:resnet18 --input-shape 16,3,64,64 --compare
+  bnnconvert flops bayes.pt --input-shape 1,1,28,28
+  bnnconvert flops det.pt --input-shape 50,1,28,28 --compare
   bnnconvert flops bayes.pt --input-shape 1,1,28,28 --samples 5 --convention flop --json""",
 )
 @click.argument("model")
@@ -41,7 +41,7 @@ Examples:
     metavar="N,C,H,W",
     help="Shape of one input batch, e.g. 1,3,224,224 (counts are for the whole batch).",
 )
-@click.option("--device", default="cpu", show_default=True, help="Count on cpu, cuda, cuda:1, ...")
+@device_option
 @click.option(
     "--samples", default=1, show_default=True, type=int, help="Monte Carlo forward passes."
 )

@@ -5,7 +5,8 @@ command is turned into a one-line message and exit status 1 by :class:`BnnGroup`
 ``--debug`` (or set ``BNNCONVERT_DEBUG=1``) to see the traceback instead. The library's
 messages name its arguments (``arch=...``, ``trust_pickle=True``); the one-line message,
 and the log records shown on stderr, name the command-line flags instead
-(:func:`to_flags`).
+(:func:`to_flags`). Warnings (the library's, torch's) are shown the same way, one line
+each, ``warning: <message>``, without Python's source line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -157,18 +159,27 @@ class _FlagFormatter(logging.Formatter):
         return to_flags(super().format(record))
 
 
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    """``warnings.showwarning`` while a command runs: one log line, ``warning: <message>``
+    (whitespace collapsed, argument names as flags), without the file, line and code."""
+    log.warning("warning: %s", " ".join(str(message).split()))
+
+
 def _log_to_stderr(ctx: click.Context, level: int) -> None:
-    """The library's log records go to stderr, bare, while the command runs."""
+    """The library's log records and every warning go to stderr, bare, one line each,
+    while the command runs."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_FlagFormatter("%(message)s"))
-    saved = log.level, log.propagate
+    saved = log.level, log.propagate, warnings.showwarning
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+    warnings.showwarning = _show_warning
 
     def restore() -> None:
         log.removeHandler(handler)
         log.setLevel(saved[0])
         log.propagate = saved[1]
+        warnings.showwarning = saved[2]
 
     ctx.call_on_close(restore)

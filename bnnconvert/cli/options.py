@@ -2,22 +2,26 @@
 
 :func:`model_options` adds ``--arch``, ``--arch-kwargs``, ``--trust-pickle``;
 :func:`data_options` adds ``--task``, ``--batch-size``, ``--size``, ``--as-rgb/--as-grey``,
-``--workers``, ``--seed``, ``--device``; :data:`output_option` adds ``-o/--output``. The
-helpers turn those options into library calls: the model (:func:`load_cli_model`), the
-loader (:func:`cli_loader`), the task and its loss (:func:`cli_task_loss`).
+``--workers``, ``--seed``, ``--device``; :data:`output_option` adds ``-o/--output``;
+:data:`device_option` is the one ``--device`` of every command (``auto``: CUDA when
+available) and :func:`r_bayes_type` the one type of every r_bayes option (a fraction,
+``0.01``, or a percentage, ``1%``). The helpers turn those options into library calls: the
+model (:func:`load_cli_model`), the loader (:func:`cli_loader`), the task and its loss
+(:func:`cli_task_loss`).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import click
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._utils import BatchFormat, tuple_batches
+from .._utils import BatchFormat, resolve_device, tuple_batches
 from ..data import open_data
 from ..losses import LossFn, data_class_weights, data_task, task_loss
 from ..saliency import check_r_bayes
@@ -29,9 +33,11 @@ __all__ = [
     "cli_loader",
     "cli_task_loss",
     "data_options",
+    "device_option",
     "load_cli_model",
     "model_options",
     "output_option",
+    "parse_r_bayes",
     "r_bayes_type",
     "saliency_data",
     "show_progress",
@@ -74,6 +80,25 @@ def model_options(fn: Callable) -> Callable:
     return fn
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The device ``--device`` names, resolved once (:func:`bnnconvert._utils.resolve_device`:
+    ``auto`` is CUDA when available), as a string such as "cpu" or "cuda"."""
+    try:
+        return str(resolve_device(value))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+device_option = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    callback=_device,
+    help="auto (CUDA when available, else cpu), cpu, cuda, cuda:1, ...",
+)
+"""``--device``, the same in every command: ``auto`` by default, a bad name exits with 2."""
+
+
 def data_options(fn: Callable) -> Callable:
     """--task, --batch-size, --size, --as-rgb, --workers, --seed, --device, --input-key,
     --target-key."""
@@ -87,7 +112,7 @@ def data_options(fn: Callable) -> Callable:
             help="Key of the input in dict batches (e.g. image, a MONAI-style data set); "
             "default: (input, target) batches.",
         ),
-        click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        device_option,
         click.option(
             "--seed",
             default=0,
@@ -176,24 +201,51 @@ def check_batch_size(value: int) -> None:
         raise click.BadParameter(f"must be >= 1, got {value}", param_hint="--batch-size")
 
 
+def parse_r_bayes(text: str) -> float:
+    """An r_bayes written on the command line as a fraction ("0.01") or a percentage
+    ("1%"), as the fraction in (0, 1]; "1%" and "0.01" give the same float.
+
+    Raises ValueError for anything else, and for a number above 1 written without "%"
+    (is "5" 5 % or 500 %?).
+    """
+    text = text.strip()
+    percent = text.endswith("%")
+    try:
+        number = Decimal(text.removesuffix("%").strip())
+    except InvalidOperation:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not number.is_finite():
+        raise ValueError(f"{text!r} is not a finite number")
+    if number > 1 and not percent:
+        raise ValueError(f"r_bayes {text} is above 1 (for {text} %, write {text}%)")
+    r = float(number / 100 if percent else number)
+    check_r_bayes(r)
+    return r
+
+
 class _RBayes(click.ParamType):
-    """A fraction in (0, 1], or "auto" when allowed."""
+    """A fraction in (0, 1] or a percentage ("1%"); "auto" when allowed; a comma-separated
+    list of them (a tuple) when ``many``."""
 
-    def __init__(self, auto: bool) -> None:
-        self.auto = auto
-        self.name = "FRACTION|auto" if auto else "FRACTION"
+    def __init__(self, auto: bool, many: bool) -> None:
+        self.auto, self.many = auto, many
+        one = "FRACTION|N%" + ("|auto" if auto else "")
+        self.name = f"{one},..." if many else one
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
-        if isinstance(value, float) or (self.auto and value == "auto"):
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str | tuple[float, ...]:
+        if isinstance(value, (float, tuple)) or (self.auto and value == "auto"):
             return value
+        texts = str(value).split(",") if self.many else [str(value)]
         try:
-            r = float(value)
-            check_r_bayes(r)
-        except (TypeError, ValueError) as exc:
-            self.fail(f"{value!r}: {exc}; pass a fraction in (0, 1], e.g. 0.01", param, ctx)
-        return r
+            values = tuple(parse_r_bayes(text) for text in texts)
+        except ValueError as exc:
+            example = "e.g. 0.01,0.05 or 1%,5%" if self.many else "e.g. 0.01 or 1%"
+            self.fail(f"{exc}; pass a fraction in (0, 1] or a percentage, {example}", param, ctx)
+        return values if self.many else values[0]
 
 
-def r_bayes_type(auto: bool = False) -> click.ParamType:
-    """The click type of an r_bayes option: a fraction in (0, 1] (or "auto")."""
-    return _RBayes(auto)
+def r_bayes_type(auto: bool = False, many: bool = False) -> click.ParamType:
+    """The click type of every r_bayes option: a fraction in (0, 1] ("0.01") or a
+    percentage ("1%"), or "auto" (``auto``); comma-separated values give a tuple
+    (``many``)."""
+    return _RBayes(auto, many)

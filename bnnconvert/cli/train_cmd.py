@@ -40,12 +40,12 @@ __all__ = ["train"]
 @click.command(
     epilog="""\b
 Examples:
-  bnnconvert train bayes.pt --data digits.npz --epochs 50 --beta 0.01 --samples 5 -o out.pt
-  bnnconvert train bayes.pt --data nuclei/ --task segmentation --batch-size 10 \\
-      --beta linear:0.2:0.01 -o out.pt
+  bnnconvert train bayes.pt --data demo:digits --epochs 50 --beta 0.01 --samples 5 -o out.pt
+  bnnconvert train unet_bayes.pt --data nuclei/ --task segmentation --batch-size 10 \\
+      --beta linear:0.2:0.01 -o out.pt  # your converted UNet and images/ + masks/ folder
   bnnconvert train --arch bnnconvert.models:resnet18 \\
-      --arch-kwargs num_classes=10,in_channels=1 --data digits.npz --epochs 3 -o det.pt
-  bnnconvert train bayes.pt --data digits.npz --epochs 50 --nproc 4 --device cuda \\
+      --arch-kwargs num_classes=10,in_channels=1 --data demo:digits --epochs 3 -o det.pt
+  bnnconvert train bayes.pt --data demo:digits --epochs 50 --nproc 4 --device cuda \\
       --amp bf16 -o out.pt
   torchrun --nnodes 2 --nproc-per-node 4 ... -m bnnconvert train bayes.pt ... -o out.pt
 
