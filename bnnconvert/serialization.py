@@ -5,8 +5,9 @@ User checkpoints (:func:`load_checkpoint`):
 - a state_dict (a ``torch.save`` file or a ``.safetensors`` file), or a checkpoint dict
   holding one under ``"state_dict"`` (Lightning), ``"model_state_dict"``, ``"model"`` or
   ``"net"``, together with an architecture spec ``"package.module:factory"`` (e.g.
-  ``"torchvision.models:resnet18"``) and its keyword arguments. A common key prefix
-  (Lightning's ``"model."``, DataParallel's ``"module."``, torch.compile's
+  ``"torchvision.models:resnet18"``), ``"timm:<model name>"`` or
+  ``"torchvision:<model name>"`` (see :func:`resolve_arch`) and its keyword arguments. A
+  common key prefix (Lightning's ``"model."``, DataParallel's ``"module."``, torch.compile's
   ``"_orig_mod."``) is found by matching the architecture's own keys and stripped. Read
   with ``torch.load(weights_only=True)`` or safetensors: no code is unpickled.
 - a whole module saved with ``torch.save(model)``. Reading it means unpickling, which can
@@ -49,13 +50,15 @@ architecture spec in the attribute ``bnnconvert_arch`` (set by :func:`load_check
 from __future__ import annotations
 
 import ast
+import difflib
+import functools
 import json
 import logging
 import os
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +68,13 @@ import torch.serialization
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from ._utils import atomic_torch_save, atomic_write_bytes, check_payload, first_line
-from ._utils import resolve_factory as resolve_arch
+from ._utils import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    check_payload,
+    first_line,
+    resolve_factory,
+)
 from ._version import __version__
 from .convert import INFO_ATTR, bayes_summary, num_bayesian, to_deterministic
 from .layers import BayesianLayer, attach_owners, bayesian_layers, make_bayesian
@@ -111,8 +119,16 @@ _MODEL_FIX = (
 
 # ----------------------------------------------------------------------- architectures
 def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.Module:
-    """``factory(**arch_kwargs)`` for ``arch = "package.module:factory"``; the model
-    remembers its spec (attribute ``bnnconvert_arch``)."""
+    """The model an architecture spec names, built with ``arch_kwargs``; it remembers its
+    spec (attribute ``bnnconvert_arch``).
+
+    ``arch`` is ``"package.module:factory"`` (``factory(**arch_kwargs)``),
+    ``"timm:<model name>"`` (``timm.create_model(name, pretrained=False, **arch_kwargs)``)
+    or ``"torchvision:<model name>"`` (``torchvision.models.get_model(name, weights=None,
+    **arch_kwargs)``): see :func:`resolve_arch`. timm's ``pretrained`` is not remembered
+    (it only fills in weights, which a loaded file replaces), so a saved timm model loads
+    without its pretrained weights.
+    """
     kwargs = _plain(dict(arch_kwargs or {}), "arch_kwargs")
     factory = resolve_arch(arch)
     try:
@@ -123,8 +139,82 @@ def build_model(arch: str, arch_kwargs: Mapping[str, Any] | None = None) -> nn.M
         ) from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"{arch} returned {type(model).__name__}, not a torch.nn.Module")
+    if _zoo_of(arch)[0] == "timm":
+        kwargs.pop("pretrained", None)
     remember_arch(model, arch, kwargs)
     return model
+
+
+_ZOO_LIBRARIES = ("timm", "torchvision")
+"""The model libraries an architecture spec ``"<library>:<model name>"`` names models of."""
+
+
+def resolve_arch(spec: str) -> Callable[..., nn.Module]:
+    """The factory an architecture spec names; it takes the keyword arguments of the model.
+
+    - ``"package.module:factory"``: that callable (e.g. ``"bnnconvert.models:UNet"``).
+    - ``"timm:<model name>"`` (e.g. ``"timm:resnet18"``, ``"timm:convnext_atto"``):
+      ``timm.create_model(name, pretrained=False, **kwargs)``; ``pretrained=True`` in the
+      keyword arguments reads timm's pretrained weights (from the Hugging Face cache, or
+      downloads them).
+    - ``"torchvision:<model name>"`` (e.g. ``"torchvision:mobilenet_v3_small"``):
+      ``torchvision.models.get_model(name, weights=None, **kwargs)``; ``weights="DEFAULT"``
+      reads torchvision's weights (from the torch hub cache, or downloads them).
+
+    Raises ValueError when the spec is malformed, its module or library is not installed
+    (naming what to install), or it names no callable or no known model (listing close
+    matches).
+    """
+    library, name = _zoo_of(spec)
+    if library is None:
+        return resolve_factory(spec)
+    if library == "timm":
+        timm = _import_timm()
+        known, names, build = timm.is_model(name), timm.list_models, _timm_model
+    else:
+        import torchvision.models
+
+        names, build = torchvision.models.list_models, _torchvision_model
+        known = name.lower() in names()
+    if not known:
+        close = difflib.get_close_matches(name.lower(), names(), n=5, cutoff=0.6)
+        hint = f"close matches: {', '.join(close)}" if close else "no close match"
+        lister = "timm.list_models()" if library == "timm" else "torchvision.models.list_models()"
+        raise ValueError(
+            f"unknown {library} model {name!r} in architecture {spec!r} ({hint}); {lister} "
+            "lists the names"
+        )
+    return functools.partial(build, name)
+
+
+def _zoo_of(spec: Any) -> tuple[str | None, str]:
+    """``("timm" | "torchvision", model name)`` for a model-library spec, else ``(None, "")``."""
+    library, sep, name = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    return (library, name.strip()) if sep and library in _ZOO_LIBRARIES else (None, "")
+
+
+def _import_timm() -> Any:
+    """The timm module; ValueError naming the extra to install when it is missing."""
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            "architecture 'timm:...' needs timm, which is not installed; install it with "
+            "pip install 'bnnconvert[timm]' (or pip install timm)"
+        ) from None
+    return timm
+
+
+def _timm_model(name: str, **kwargs: Any) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, **{"pretrained": False, **kwargs})
+
+
+def _torchvision_model(name: str, **kwargs: Any) -> nn.Module:
+    import torchvision.models
+
+    return torchvision.models.get_model(name, **{"weights": None, **kwargs})
 
 
 def parse_arch_kwargs(text: str | None) -> dict[str, Any]:

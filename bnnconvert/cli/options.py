@@ -75,7 +75,9 @@ def model_options(fn: Callable) -> Callable:
     fn = click.option(
         "--arch",
         metavar="PKG.MOD:FACTORY",
-        help="Architecture of a state_dict checkpoint, e.g. torchvision.models:resnet18.",
+        help="Architecture of a state_dict checkpoint: PKG.MOD:FACTORY "
+        "(torchvision.models:resnet18), or a model name of timm or torchvision "
+        "(timm:resnet18, torchvision:mobilenet_v3_small; no weights are downloaded).",
     )(fn)
     return fn
 
