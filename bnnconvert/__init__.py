@@ -8,6 +8,7 @@ uncertainty.
 
 from ._version import __version__ as __version__
 from .calibration import Calibration, calibrate_posterior
+from .cases import CaseReport, predict_cases
 from .convert import BayesSummary, bayes_summary, convert, last_layer_masks, to_deterministic
 from .costs import ComparisonTable, compare_method_costs, compare_methods
 from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
@@ -25,6 +26,7 @@ __all__ = [
     "BayesSummary",
     "BetaSchedule",
     "Calibration",
+    "CaseReport",
     "ComparisonTable",
     "ELBOTerms",
     "FlopReport",
@@ -49,6 +51,7 @@ __all__ = [
     "mean_weights",
     "predict",
     "predict_batches",
+    "predict_cases",
     "save",
     "select_r_bayes",
     "to_deterministic",

@@ -463,7 +463,17 @@ hello = click.Command(
 
 def test_every_command_is_registered_in_order():
     """The commands are registered explicitly (no name table that could skip one)."""
-    expected = ["saliency", "convert", "train", "evaluate", "info", "flops", "benchmark", "demo"]
+    expected = [
+        "saliency",
+        "convert",
+        "train",
+        "evaluate",
+        "predict",
+        "info",
+        "flops",
+        "benchmark",
+        "demo",
+    ]
     assert main.list_commands(click.Context(main)) == expected
     assert main.more == ["flops", "benchmark", "demo"]
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bnnconvert
+from bnnconvert.calibration import MIN_NOISY_TEMPERATURE
 from bnnconvert.curvature import (
     diagonal_ggn,
     fit_prior_precision,
@@ -189,6 +190,32 @@ def test_calibration_recovers_a_known_scale():
     assert sigma_scale(pbnn) == 0.5 and cal.temperature == 1.0
     assert [row[0] for row in cal.curve] == scales
     assert cal.nll == min(row[2] for row in cal.curve)
+
+
+def test_temperature_with_noise_stays_above_its_lower_bound(trained):
+    """fit_temperature's lower bound is exact (the unbounded optimum lies below it, found by
+    a grid); calibrate_posterior fits T >= MIN_NOISY_TEMPERATURE wherever t > 0 and lets
+    t = 0 (temperature scaling) go lower."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=g)
+    logits = 0.3 * (4 * F.one_hot(y, 4).float() + torch.randn(400, 4, generator=g))
+    grid = torch.linspace(0.02, 2.0, 4000)
+    best = min(grid.tolist(), key=lambda v: F.cross_entropy(logits / v, y).item())
+    assert best < 0.5  # underconfident logits: the optimum sharpens them
+    assert fit_temperature(logits[None], y) == pytest.approx(best, rel=0.01)
+    assert fit_temperature(logits[None], y, min_temperature=0.5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="min_temperature"):
+        fit_temperature(logits[None], y, min_temperature=0.0)
+
+    model, x, yy = trained
+    pbnn = bnnconvert.convert(model, _half(model), None)
+    with torch.no_grad():  # shrink the logits: the checkpoint becomes underconfident
+        for _, layer in bayesian_layers(pbnn):
+            layer.weight.mul_(0.1)
+            layer.bias.mul_(0.1)
+    cal = bnnconvert.calibrate_posterior(pbnn, _loader(x, yy), samples=8, refine=False)
+    assert cal.curve[0][0] == 0 and cal.curve[0][1] < MIN_NOISY_TEMPERATURE
+    assert all(row[1] >= MIN_NOISY_TEMPERATURE - 1e-9 for row in cal.curve if row[0] > 0)
 
 
 def test_scale_zero_reproduces_mean_weights_exactly(trained):
