@@ -32,8 +32,10 @@ cheaper. On ResNet18 (batches of 64 digits, every entry) this takes 3.2 times a 
 forward and backward pass and 2.5 times its peak memory, against 11 and 6 times for
 BackPACK's ``DiagGGNMC`` and 38 and 29 times for ``torch.func``'s ``vmap(grad)``, all three
 exact (``benchmarks/bench_posterior.py``, docs/benchmarks.md). A layer called more than once per
-forward (weight sharing) makes the whole pass fall back to ``torch.func`` per-example
-gradients, which is exact for any architecture but slow.
+forward (weight sharing), or a selected parameter of another kind (attention in_proj,
+recurrent, embedding, raw parameters: see :data:`bnnconvert.layers.PARAMETER_KINDS`),
+makes the whole pass fall back to ``torch.func`` per-example gradients, which is exact for
+any architecture whose forward ``torch.func.vmap`` can batch, but slow.
 
 The model runs in eval mode (BatchNorm with its running statistics: the model that
 predicts) and, if converted, at its means.
@@ -64,7 +66,13 @@ from ._utils import (
     eval_mode,
     move_inputs,
 )
-from .layers import convertible_parameters, mean_weights
+from .layers import (
+    PARAM_NAMES,
+    PARAMETER_KINDS,
+    convertible_parameters,
+    is_convertible,
+    mean_weights,
+)
 
 __all__ = [
     "LIKELIHOODS",
@@ -147,8 +155,9 @@ def diagonal_ggn(
             used: the Fisher draws its own from the model). Outputs: (N, C, *spatial)
             logits for "categorical", (N, L, *spatial) for "bernoulli", any for "gaussian".
         likelihood: one of :data:`LIKELIHOODS` (see :func:`likelihood_of_task`).
-        names: the parameters to compute (state_dict names of Linear/convolution weights
-            and biases); default every one of :func:`bnnconvert.layers.convertible_parameters`.
+        names: the parameters to compute (state_dict names of floating-point parameters,
+            any kind); default every one of :func:`bnnconvert.layers.convertible_parameters`
+            (its default kinds).
         masks: {name: bool tensor of the parameter's shape}: compute only these entries
             (the others hold 0); overrides ``names``.
         method: "mc" (Monte Carlo Fisher, any output) or "exact" (outputs without spatial
@@ -166,7 +175,9 @@ def diagonal_ggn(
     """
     _check(likelihood, method, mc_samples, noise_std)
     fmt = as_batch_format(batch_format)
-    params = convertible_parameters(model)
+    if names is None and masks is None:
+        names = list(convertible_parameters(model))
+    params = convertible_parameters(model, include=PARAMETER_KINDS)
     selected = _selection(params, names, masks)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     engine = _TapEngine(model, selected, fmt)
@@ -226,8 +237,8 @@ def _selection(
 def _known(name: str, params: Mapping[str, nn.Parameter]) -> None:
     if name not in params:
         raise ValueError(
-            f"{name!r} is not a weight or bias of a Linear/convolution layer of this model; "
-            "pass names from bnnconvert.layers.convertible_parameters(model)"
+            f"{name!r} is not a floating-point parameter of this model; pass names from "
+            "bnnconvert.layers.convertible_parameters(model)"
         )
 
 
@@ -328,17 +339,26 @@ class _TapEngine:
             self.layers.setdefault(layer, {})[tensor] = idx
         self.modules = {name: modules[name] for name in self.layers}
         self.index = dict(selected)
+        params = convertible_parameters(model, include=PARAMETER_KINDS)
         self.acc = {
-            name: torch.zeros(params.numel(), device=params.device, dtype=torch.float32)
-            for name, params in convertible_parameters(model).items()
+            name: torch.zeros(p.numel(), device=p.device, dtype=torch.float32)
+            for name, p in params.items()
             if name in selected
         }
-        self.shapes = {name: p.shape for name, p in convertible_parameters(model).items()}
+        self.shapes = {name: params[name].shape for name in self.acc}
+        # only Linear/convolution weights and biases have output taps
+        self.tapped = all(
+            is_convertible(self.modules[layer]) and set(tensors) <= set(PARAM_NAMES)
+            for layer, tensors in self.layers.items()
+        )
 
     def result(self) -> dict[str, Tensor]:
         return {name: acc.view(self.shapes[name]) for name, acc in self.acc.items()}
 
     def accumulate(self, x, likelihood, method, mc_samples, noise_std, gen) -> None:
+        if not self.tapped:
+            self._per_example_func(x, likelihood, method, mc_samples, noise_std, gen)
+            return
         inputs: dict[str, Tensor] = {}
         grads: dict[str, Tensor] = {}
         roots: list[Tensor] = []
@@ -387,8 +407,12 @@ class _TapEngine:
         """Exact per-example gradients by torch.func (shared layers): slow, general."""
         from torch.func import functional_call, grad, vmap
 
-        log.info("a layer is called several times per forward: per-example gradients by torch.func")
-        params = convertible_parameters(self.model)
+        log.info(
+            "a layer is called several times per forward, or a selected parameter has no "
+            "output tap (not a Linear/convolution weight or bias): per-example gradients by "
+            "torch.func"
+        )
+        params = convertible_parameters(self.model, include=PARAMETER_KINDS)
         theta = {name: params[name].detach() for name in self.acc}
         with torch.no_grad():
             out = self.fmt.forward(self.model, x)

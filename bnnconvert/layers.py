@@ -1,10 +1,14 @@
-"""Masked reparameterized layers: one mechanism for every Linear and convolution type.
+"""Masked reparameterized layers: one mechanism for every floating-point parameter.
 
 A converted layer is the same object with a generated subclass of its original class
 (the approach of ``torch.nn.utils.parametrize``), so ``isinstance`` checks and every
 hyperparameter (stride, padding, padding_mode, dilation, groups, output_padding, dtype,
-device, requires_grad) survive untouched. For each parameter tensor ``name`` ("weight" or
-"bias") that has selected entries, the layer holds:
+device, requires_grad) survive untouched. The module may be of any type: a Linear or
+convolution ("weight", "bias"), ``nn.MultiheadAttention`` ("in_proj_weight",
+"in_proj_bias", "q_proj_weight", ...), a recurrent layer ("weight_ih_l0", "bias_hh_l0",
+...), an Embedding, or a custom module holding a raw ``nn.Parameter`` that its forward
+reads as ``self.<name>`` (see :data:`PARAMETER_KINDS` for which kinds are scored by
+default). For each parameter tensor ``name`` that has selected entries, the layer holds:
 
 - ``name``: the posterior mean mu, the pretrained tensor itself, under its original key;
 - ``name_rho``: Parameter of shape (k,), sigma = softplus(rho) for the k selected entries;
@@ -31,25 +35,36 @@ sigma = softplus(rho) is computed once instead of at every forward, and the in-p
 gathers the k original values once: the S draws of a prediction or an ELBO step share
 that work, with bit-identical samples.
 
+The sample replaces the parameter for the duration of the module's own forward, which
+therefore must read it as ``self.<name>`` (every torch.nn layer does). Recurrent layers
+notice the swap themselves (``nn.RNNBase`` re-reads its flat weight list, and re-flattens
+it for cuDNN, when a weight tensor was replaced).
+
 Some modules read a child layer's parameters directly instead of calling it
 (``nn.MultiheadAttention`` reads ``out_proj.weight``; ``nn.TransformerEncoderLayer``'s
-fast path reads its linears). Such a module becomes a sampling *owner*: its forward swaps
-the sampled tensors into its Bayesian descendants for the duration of the call.
+fast path reads its linears and its attention's in_proj). Such a module becomes a sampling
+*owner*: its forward swaps the sampled tensors into its Bayesian descendants for the
+duration of the call. A module of another kind whose parameters are read by a parent's
+code (not by its own forward) needs its parent's class added to :data:`DIRECT_READERS`.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 __all__ = [
+    "DEFAULT_INCLUDE",
+    "PARAMETER_KINDS",
     "BayesianLayer",
     "bayesian_layers",
     "bayesian_masks",
@@ -58,6 +73,7 @@ __all__ = [
     "make_bayesian",
     "make_deterministic",
     "mean_weights",
+    "parameter_kinds",
     "posterior_cache",
     "set_sigma_scale",
     "sigma_scale",
@@ -68,6 +84,35 @@ CONVERTIBLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, _ConvNd)
 ConvTranspose1d/2d/3d and their subclasses."""
 
 PARAM_NAMES = ("weight", "bias")
+
+PARAMETER_KINDS = ("linear", "conv", "attention", "recurrent", "embedding", "norm", "other")
+"""The kinds of floating-point parameters, by the module holding them:
+
+- "linear": weight and bias of ``nn.Linear`` (and subclasses) and ``nn.Bilinear``;
+- "conv": weight and bias of Conv1d/2d/3d, ConvTranspose1d/2d/3d (and subclasses);
+- "attention": ``nn.MultiheadAttention``'s in_proj_weight, in_proj_bias, q/k/v_proj_weight
+  (when kdim or vdim differ from embed_dim), bias_k, bias_v (its out_proj is "linear");
+- "recurrent": the weights and biases of RNN, LSTM, GRU (every layer and direction) and of
+  RNNCell, LSTMCell, GRUCell;
+- "embedding": the weight of ``nn.Embedding`` and ``nn.EmbeddingBag``;
+- "norm": the affine parameters of normalisation layers (BatchNorm, InstanceNorm,
+  LayerNorm, GroupNorm, RMSNorm);
+- "other": any other parameter, e.g. a custom module's ``self.scale = nn.Parameter(...)``,
+  a ViT's class token or position embedding, PReLU's slope.
+"""
+
+DEFAULT_INCLUDE = ("linear", "conv", "attention", "recurrent", "embedding")
+"""The kinds scored and converted by default: normalisation layers and "other" parameters
+are opt-in (``include=(..., "norm", "other")`` or a name pattern)."""
+
+_ATTENTION_NAMES = frozenset(
+    {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
+     "bias_k", "bias_v"}
+)  # fmt: skip
+_CELL_NAMES = frozenset({"weight_ih", "weight_hh", "bias_ih", "bias_hh"})
+_NORM_TYPES = (_NormBase, nn.LayerNorm, nn.GroupNorm, *filter(None, [getattr(nn, "RMSNorm", None)]))
+"""BatchNorm, InstanceNorm, SyncBatchNorm (all ``_NormBase``), LayerNorm, GroupNorm and
+RMSNorm (torch >= 2.4)."""
 
 # Modules whose forward reads the parameters of their child layers directly.
 DIRECT_READERS: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
@@ -121,24 +166,143 @@ def is_convertible(module: nn.Module) -> bool:
     )
 
 
-def convertible_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weights and biases of every convertible layer, keyed by state_dict name.
+def parameter_kind(module: nn.Module, name: str) -> str:
+    """The kind (one of :data:`PARAMETER_KINDS`) of ``module``'s parameter ``name``."""
+    if isinstance(module, (nn.Linear, nn.Bilinear)) and name in PARAM_NAMES:
+        return "linear"
+    if isinstance(module, _ConvNd) and name in PARAM_NAMES:
+        return "conv"
+    if isinstance(module, nn.MultiheadAttention) and name in _ATTENTION_NAMES:
+        return "attention"
+    if (isinstance(module, nn.RNNBase) and name in module._flat_weights_names) or (
+        isinstance(module, nn.RNNCellBase) and name in _CELL_NAMES
+    ):
+        return "recurrent"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and name == "weight":
+        return "embedding"
+    if isinstance(module, _NORM_TYPES) and name in PARAM_NAMES:
+        return "norm"
+    return "other"
 
-    Normalisation layers and any other parameter are excluded. A parameter shared by
-    several layers is listed once, under its first name.
-    """
-    out: dict[str, nn.Parameter] = {}
+
+def _model_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """(state_dict name, kind, parameter) of every initialised floating-point parameter of
+    ``model``, in ``named_parameters()`` order; a parameter shared by several modules is
+    listed once, under its first name. The rho of converted tensors is not listed: a
+    converted model lists the same parameters (mu) as the model it was converted from."""
     seen: set[int] = set()
     for mod_name, module in model.named_modules():
-        if not is_convertible(module):
-            continue
-        for p_name in PARAM_NAMES:
-            p = module._parameters.get(p_name)
-            if p is None or id(p) in seen:
+        internal = (
+            {f"{n}_rho" for n in module.bayes_names} if isinstance(module, BayesianLayer) else ()
+        )
+        for p_name, p in module._parameters.items():
+            if p is None or id(p) in seen or p_name in internal:
                 continue
             seen.add(id(p))
-            out[f"{mod_name}.{p_name}" if mod_name else p_name] = p
-    return out
+            if isinstance(p, nn.parameter.UninitializedParameter) or not p.is_floating_point():
+                continue
+            yield (
+                (f"{mod_name}.{p_name}" if mod_name else p_name),
+                parameter_kind(module, p_name),
+                p,
+            )
+
+
+def parameter_kinds(model: nn.Module) -> dict[str, str]:
+    """{state_dict name: kind} of every floating-point parameter of ``model`` (see
+    :data:`PARAMETER_KINDS`), whether or not it is scored by default."""
+    return {name: kind for name, kind, _ in _model_parameters(model)}
+
+
+def check_selection(
+    include: str | Iterable[str] | None, exclude: str | Iterable[str] | None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``include`` and ``exclude`` as tuples of strings (None: :data:`DEFAULT_INCLUDE` and
+    nothing); a single string is one item. Raises TypeError for anything else."""
+    out = []
+    for arg, value, default in (
+        ("include", include, DEFAULT_INCLUDE),
+        ("exclude", exclude, ()),
+    ):
+        items = default if value is None else (value,) if isinstance(value, str) else value
+        try:
+            items = tuple(items)
+        except TypeError:
+            items = (items,)
+        if not all(isinstance(item, str) and item for item in items):
+            raise TypeError(
+                f"{arg} must be parameter kinds ({', '.join(PARAMETER_KINDS)}) or glob patterns "
+                f"of parameter names (e.g. 'encoder.*.weight'), got {value!r}"
+            )
+        out.append(items)
+    return out[0], out[1]
+
+
+def _selects(items: tuple[str, ...], name: str, kind: str) -> bool:
+    """True if one of ``items`` is ``kind`` or a glob pattern matching ``name``."""
+    return any(
+        item == kind if item in PARAMETER_KINDS else fnmatch.fnmatchcase(name, item)
+        for item in items
+    )
+
+
+def convertible_parameters(
+    model: nn.Module,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """The parameters that are scored and may be made Bayesian, keyed by state_dict name.
+
+    Args:
+        model: any module (converted or not: a converted model lists its mu tensors).
+        include: parameter kinds (:data:`PARAMETER_KINDS`) and/or glob patterns of state_dict
+            names (``fnmatch``: "encoder.*.in_proj_weight", "*.scale"); a parameter is listed
+            if it matches one of them. Default :data:`DEFAULT_INCLUDE`: every weight and
+            bias of Linear, convolution, attention, recurrent and embedding layers.
+        exclude: kinds or patterns removed from that selection (default: nothing).
+
+    Only floating-point, initialised parameters are listed; a parameter shared by several
+    modules is listed once, under its first name. A pattern that matches no floating-point
+    parameter of the model raises ValueError (a misspelt name would otherwise select
+    nothing silently).
+    """
+    include, exclude = check_selection(include, exclude)
+    everything = list(_model_parameters(model))
+    for item in (*include, *exclude):
+        if item not in PARAMETER_KINDS and not any(
+            fnmatch.fnmatchcase(name, item) for name, _, _ in everything
+        ):
+            raise ValueError(
+                f"{item!r} is neither a parameter kind ({', '.join(PARAMETER_KINDS)}) nor a "
+                f"pattern matching a parameter name of {type(model).__name__} (e.g. "
+                f"{everything[0][0] if everything else 'weight'!r}); see "
+                "bnnconvert.layers.parameter_kinds(model)"
+            )
+    return {
+        name: p
+        for name, kind, p in everything
+        if _selects(include, name, kind) and not _selects(exclude, name, kind)
+    }
+
+
+def require_parameters(
+    model: nn.Module,
+    include: str | Iterable[str] | None,
+    exclude: str | Iterable[str] | None,
+    action: str,
+) -> dict[str, nn.Parameter]:
+    """:func:`convertible_parameters`, or a ValueError naming the model's kinds when the
+    selection is empty (``action``: what needed them, e.g. "score")."""
+    params = convertible_parameters(model, include, exclude)
+    if not params:
+        include, exclude = check_selection(include, exclude)
+        raise ValueError(
+            f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer or other parameter "
+            f"selected by include={list(include)}, exclude={list(exclude)} to {action}; its "
+            f"parameter kinds are {sorted(set(parameter_kinds(model).values()))} (see "
+            "bnnconvert.layers.PARAMETER_KINDS)"
+        )
+    return params
 
 
 def softplus_inverse(sigma: Tensor) -> Tensor:
@@ -365,7 +529,7 @@ class BayesianLayer:
             f"{n}: {self.bayes_rho(n).numel()}/{self._parameters[n].numel()}"
             for n in self.bayes_names
         )
-        return f"{base}, bayes=({counts})"
+        return f"{base}, bayes=({counts})" if base else f"bayes=({counts})"
 
 
 class BayesianOwner:
@@ -460,17 +624,18 @@ def _restore(saved: _Saved) -> None:
 
 
 # --------------------------------------------------------------------- class swap
-_CLASS_CACHE: dict[tuple[type, type], type] = {}
+_CLASS_CACHE: dict[tuple[tuple[type, ...], type], type] = {}
 
 
-def _subclass(mixin: type, base: type[nn.Module]) -> type:
-    """The generated class (mixin, base), cached; builtin torch.nn bases get a global name
-    in this module so that their instances can be pickled."""
-    key = (mixin, base)
+def _subclass(mixins: tuple[type, ...], base: type[nn.Module]) -> type:
+    """The generated class (*mixins, base), cached; builtin torch.nn bases get a global name
+    in this module so that their instances can be pickled. ``base`` is the original class
+    (``_bayes_base``), never a generated one."""
+    key = (mixins, base)
     cls = _CLASS_CACHE.get(key)
     if cls is None:
-        name = f"{mixin.__name__}{base.__name__}"
-        cls = type(name, (mixin, base), {"__module__": __name__, "_bayes_base": base})
+        name = "".join(m.__name__ for m in mixins) + base.__name__
+        cls = type(name, (*mixins, base), {"__module__": __name__, "_bayes_base": base})
         if base.__module__.startswith("torch.nn") and name not in globals():
             cls.__qualname__ = name
             globals()[name] = cls
@@ -484,11 +649,22 @@ def _check_mask(module: nn.Module, name: str, mask: Tensor) -> Tensor:
     param = module._parameters.get(name)
     if param is None:
         raise ValueError(f"{type(module).__name__} has no parameter {name!r} to make Bayesian")
+    if isinstance(param, nn.parameter.UninitializedParameter) or not param.is_floating_point():
+        raise TypeError(
+            f"{type(module).__name__}.{name} is not an initialised floating-point parameter "
+            f"({param.dtype}); only those can be Bayesian (run a forward first for lazy layers)"
+        )
     if tuple(mask.shape) != tuple(param.shape):
         raise ValueError(
             f"mask for {name!r} has shape {tuple(mask.shape)} but the parameter has shape "
             f"{tuple(param.shape)}; the mask was made for another architecture"
         )
+    for suffix, store in (("_rho", module._parameters), ("_idx", module._buffers)):
+        if name + suffix in store or name + suffix in module._modules:
+            raise ValueError(
+                f"{type(module).__name__} already has an attribute {name + suffix!r}, which "
+                f"the conversion of {name!r} needs; rename that attribute"
+            )
     return mask.to(device=param.device, dtype=torch.bool).reshape(-1)
 
 
@@ -504,10 +680,12 @@ def make_bayesian(
     """Turn ``module`` (in place) into a masked reparameterized layer.
 
     Args:
-        module: a convertible layer (see :func:`is_convertible`), not yet Bayesian.
-        masks: {"weight" | "bias": bool tensor of the parameter's shape}; True marks the
-            entries that get a learned sigma. Tensors whose mask is all False stay
-            deterministic; if no tensor has a selected entry the module is left as it was.
+        module: any module holding the parameters named in ``masks`` (directly, not in a
+            child) and reading them as ``self.<name>`` in its forward; not yet Bayesian.
+        masks: {parameter name ("weight", "bias", "in_proj_weight", "weight_hh_l0", ...):
+            bool tensor of the parameter's shape}; True marks the entries that get a
+            learned sigma. Tensors whose mask is all False stay deterministic; if no tensor
+            has a selected entry the module is left as it was.
         prior_mu, prior_sigma: the Gaussian prior N(prior_mu, prior_sigma^2).
         rho_init: initial rho of every Bayesian entry (sigma = softplus(rho_init)).
         moped_delta: if given, MOPED initialisation sigma = moped_delta * |mu| instead.
@@ -515,15 +693,13 @@ def make_bayesian(
     Returns the same module object.
     """
     if isinstance(module, BayesianLayer):
-        raise ValueError(f"{type(module).__name__} is already Bayesian")
-    if not is_convertible(module):
-        raise TypeError(f"{type(module).__name__} is not a Linear/Conv/ConvTranspose layer")
+        raise ValueError(f"{module._bayes_base.__name__} is already Bayesian")
     if prior_sigma <= 0:
         raise ValueError(f"prior_sigma must be positive, got {prior_sigma}")
     if moped_delta is not None and moped_delta <= 0:
         raise ValueError(f"moped_delta must be positive, got {moped_delta}")
     flat = {name: _check_mask(module, name, m) for name, m in masks.items()}
-    names = tuple(n for n in PARAM_NAMES if n in flat and bool(flat[n].any()))
+    names = tuple(n for n in module._parameters if n in flat and bool(flat[n].any()))
     if not names:
         return module
     for name in names:
@@ -544,7 +720,10 @@ def make_bayesian(
     module.bayes_names = names
     module.bayes_sampling = True
     module._bayes_active = False
-    module.__class__ = _subclass(BayesianLayer, type(module))
+    if isinstance(module, BayesianOwner):  # already an owner (attach_owners ran first)
+        module.__class__ = _subclass((BayesianOwner, BayesianLayer), module._bayes_base)
+    else:
+        module.__class__ = _subclass((BayesianLayer,), type(module))
     return module
 
 
@@ -579,12 +758,18 @@ def make_deterministic(module: nn.Module) -> nn.Module:
 
 
 def attach_owners(model: nn.Module) -> None:
-    """Make every DIRECT_READERS module with Bayesian descendants a sampling owner."""
+    """Make every DIRECT_READERS module with Bayesian descendants a sampling owner (a
+    Bayesian ``nn.MultiheadAttention`` with a Bayesian out_proj is both: its own tensors
+    and its child's are drawn when it is called)."""
     for module in model.modules():
         if not isinstance(module, DIRECT_READERS) or isinstance(module, BayesianOwner):
             continue
-        if any(isinstance(m, BayesianLayer) for m in module.modules()):
-            module.__class__ = _subclass(BayesianOwner, type(module))
+        if not any(isinstance(m, BayesianLayer) for m in module.modules() if m is not module):
+            continue
+        if isinstance(module, BayesianLayer):
+            module.__class__ = _subclass((BayesianOwner, BayesianLayer), module._bayes_base)
+        else:
+            module.__class__ = _subclass((BayesianOwner,), type(module))
 
 
 @contextmanager

@@ -14,8 +14,11 @@ Criteria (a small hierarchy of scoring functions, one few-line function each):
 - ``"magnitude"``: |w| (data-free ablation, laplace-torch's largest-magnitude subnetwork).
 - ``"random"``: uniform random scores from a seeded generator (data-free ablation).
 
-Scores cover the weights and biases of every convertible layer (Linear, Conv, ConvTranspose
-and their subclasses); normalisation layers are not scored.
+Scores cover the parameters that ``include`` / ``exclude`` select (see
+:func:`bnnconvert.layers.convertible_parameters`): by default every weight and bias of
+Linear, convolution, attention, recurrent and embedding layers; normalisation layers and
+other raw parameters are opt-in. The selection is stored in ``Saliency.meta``, and
+:func:`bnnconvert.convert` converts the same parameters by default.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from torch import Tensor, nn
 
 from ._utils import BatchFormat, as_batch_format, atomic_torch_save, load_payload
 from .curvature import diagonal_ggn, fit_prior_precision, laplace_sigma, likelihood_of_task
-from .layers import convertible_parameters
+from .layers import check_selection, require_parameters
 from .losses import LossFn, data_task, default_loss
 
 __all__ = ["CRITERIA", "Saliency", "check_r_bayes", "compute_saliency"]
@@ -184,8 +187,10 @@ def compute_saliency(
     device: str | torch.device | None = None,
     seed: int | None = None,
     batch_format: BatchFormat | None = None,
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
 ) -> Saliency:
-    """Score every entry of the model's convertible weights and biases.
+    """Score every entry of the model's convertible parameters.
 
     Args:
         model: the trained deterministic model. It is left exactly as found:
@@ -200,8 +205,14 @@ def compute_saliency(
         seed: seed of the "random" criterion (default: drawn from torch's global RNG).
         batch_format: how to read mapping batches and structured outputs
             (:class:`bnnconvert.BatchFormat`); ``loss_fn`` gets the logits it reads.
+        include: the parameter kinds and/or name patterns scored (see
+            :func:`bnnconvert.layers.convertible_parameters`); default every weight and
+            bias of Linear, convolution, attention, recurrent and embedding layers. E.g.
+            ``include=("linear", "other")`` adds a custom module's raw parameters.
+        exclude: kinds or patterns removed from that selection.
 
-    Returns a :class:`Saliency` with float32 CPU scores.
+    Returns a :class:`Saliency` with float32 CPU scores; its ``meta`` records ``include``
+    and ``exclude``.
 
     The gradient pass runs with BatchNorm in train mode (batch statistics, as in the
     reference implementation); running statistics are restored afterwards.
@@ -213,42 +224,47 @@ def compute_saliency(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    params = convertible_parameters(model)
-    if not params:
-        raise ValueError(
-            f"{type(model).__name__} has no Linear/Conv/ConvTranspose layer to score; "
-            "bnnconvert converts those layers only"
-        )
+    include, exclude = check_selection(include, exclude)
+    params = require_parameters(model, include, exclude, "score")
+    selection = {"include": list(include), "exclude": list(exclude)}
     if criterion in FREE_CRITERIA:
         scores = _data_free_scores(params, criterion, seed)
         meta = {"seed": seed} if criterion == "random" else {}
-        return Saliency(scores, criterion, meta)
+        return Saliency(scores, criterion, {**meta, **selection})
     if data is None:
         raise ValueError(f"criterion {criterion!r} needs data: an iterable of (input, target)")
     fmt = as_batch_format(batch_format)
     if criterion == "variance":
-        return _variance_scores(model, data, num_batches, device, fmt)
+        sal = _variance_scores(model, params, data, num_batches, device, fmt)
+        sal.meta.update(selection)
+        return sal
     grads, meta = _gradient_pass(
         model, params, data, loss_fn or default_loss, criterion, num_batches, device, fmt
     )
-    return Saliency(grads, criterion, meta)
+    return Saliency(grads, criterion, {**meta, **selection})
 
 
 def _variance_scores(
-    model: nn.Module, data: Iterable, num_batches: int | None, device, fmt: BatchFormat
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    data: Iterable,
+    num_batches: int | None,
+    device,
+    fmt: BatchFormat,
 ) -> Saliency:
-    """Diagonal Laplace posterior variances of every entry (see the module docstring)."""
+    """Diagonal Laplace posterior variances of every entry of ``params`` (see the module
+    docstring)."""
     if num_batches is not None:
         data = itertools.islice(data, num_batches)
     curvature = diagonal_ggn(
         model,
         data,
         likelihood=likelihood_of_task(data_task(data)),
+        names=list(params),
         device=device,
         batch_format=fmt,
     )
     flat_h = torch.cat([h.reshape(-1) for h in curvature.diagonal.values()])
-    params = convertible_parameters(model)
     flat_w = torch.cat([params[n].detach().reshape(-1) for n in curvature.diagonal])
     lam = fit_prior_precision(flat_h, flat_w)
     scores = {n: laplace_sigma(h, lam).square().cpu() for n, h in curvature.diagonal.items()}

@@ -359,8 +359,10 @@ def test_make_bayesian_errors():
         make_bayesian(nn.Linear(4, 3), masks, moped_delta=float("inf"))
     with pytest.raises(ValueError, match="prior_sigma must be positive"):
         make_bayesian(nn.Linear(4, 3), masks, prior_sigma=0.0)
-    with pytest.raises(TypeError, match="not a Linear/Conv/ConvTranspose layer"):
-        make_bayesian(nn.BatchNorm1d(3), {"weight": torch.ones(3, dtype=torch.bool)})
+    counter = nn.Module()  # any module may be converted, but only floating-point tensors
+    counter.steps = nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+    with pytest.raises(TypeError, match="not an initialised floating-point parameter"):
+        make_bayesian(counter, {"steps": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="has no parameter 'bias'"):
         make_bayesian(nn.Linear(4, 3, bias=False), {"bias": torch.ones(3, dtype=torch.bool)})
     with pytest.raises(ValueError, match="made for another architecture"):
