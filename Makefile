@@ -30,9 +30,10 @@ docs: $(STAMP)  ## build the documentation site (strict) into site/
 notebooks: $(STAMP)  ## re-execute the example notebooks at full budget, outputs stored in place
 	OMP_NUM_THREADS=1 $(PY) tools/run_notebooks.py
 
-bench: $(STAMP)  ## speed and memory ratios, written to docs/benchmarks.md (core, then the posterior's section)
+bench: $(STAMP)  ## speed and memory ratios: docs/benchmarks.md (core, then the posterior's section), benchmarks/predict_memory.md
 	$(PY) benchmarks/bench_core.py --markdown docs/benchmarks.md --json benchmarks/results.json
 	$(PY) benchmarks/bench_posterior.py --markdown docs/benchmarks.md --json benchmarks/posterior_results.json
+	$(PY) benchmarks/bench_predict_memory.py --markdown benchmarks/predict_memory.md --json benchmarks/predict_memory.json
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -101,7 +101,12 @@ class Recipe:
         posterior_epochs: its training epochs ("vi", "paper").
         moped_delta: its initial sigma = moped_delta x |mu| (where "vi" starts; "laplace"
             replaces it).
-        eval_samples: posterior samples per prediction and per calibration step.
+        eval_samples: posterior samples per prediction and per calibration step (the
+            paper's rows, and the recommended recipe on the grad2 selection).
+        last_layer_samples: the same for a recommended recipe on the last layer, whose S
+            draws cost S classifier forwards (the rest of the network runs once): chosen
+            among 10, 100 and 300 by the study's rule on the validation NLL
+            (``benchmarks/posterior_study/samples.md``).
     """
 
     training: TrainSettings = field(default_factory=partial(TrainSettings, samples=2))
@@ -114,6 +119,7 @@ class Recipe:
     posterior_epochs: int = 2
     moped_delta: float = 0.1
     eval_samples: int = 10
+    last_layer_samples: int = 300
 
     def __post_init__(self) -> None:
         for name in ("posterior", "seg_posterior"):
@@ -133,6 +139,12 @@ class Recipe:
         if task == "segmentation":
             return self.seg_posterior, self.seg_selection
         return self.posterior, self.selection
+
+    def samples(self, task: str) -> int:
+        """S of the recommended recipe's calibration and predictions for ``task``."""
+        if self.choice(task)[1] == "last layer":
+            return self.last_layer_samples
+        return self.eval_samples
 
     def name(self, task: str) -> str:
         """The recommended recipe's row name, e.g. "bnnconvert: laplace, last layer"."""
@@ -219,9 +231,10 @@ class DemoResult:
             f"Budget {b.name!r}, seed {self.seed}, {self.seconds:.0f} s. The recommended "
             f"recipe ({r.name('multiclass')}; {r.name('segmentation')}): a posterior fitted "
             "on the checkpoint's training data and calibrated (sigma scale t, temperature T) "
-            f"on the validation split; S = {r.eval_samples} samples per prediction (inference "
-            "FLOPs: the part of the network no Bayesian entry influences runs once). The "
-            "paper's "
+            f"on the validation split; S = {r.samples('multiclass')} and "
+            f"{r.samples('segmentation')} samples per prediction, S = {r.eval_samples} for the "
+            "paper's rows (inference FLOPs: the part of the network no Bayesian entry "
+            "influences runs once). The paper's "
             f"rows: rho_init {r.rho_init:g}, {b.epochs} ELBO epoch(s) from step 1 with SGD lr "
             f"{t.lr:g}, momentum {t.momentum:g}, beta {t.beta}, KL {t.kl_reduction!r}, "
             f"S = {t.samples} per step. Every choice was made on the validation split; "
@@ -483,25 +496,26 @@ class _Run:
             pbnn = convert(det, last_layer_masks(det), None, **init)
         log.info("%s\n%s", r.name(task), bayes_summary(pbnn))
         fit_data = data if method != "laplace" else ordered
+        samples = r.samples(task)
         report = fit_posterior(
             pbnn, fit_data, val, method=method, task=task, epochs=r.posterior_epochs,
-            samples=r.eval_samples, seed=self.seed, device=self.device, progress=self.progress,
+            samples=samples, seed=self.seed, device=self.device, progress=self.progress,
         )  # fmt: skip
         log.info("%s", report)
         c = report.calibration
         checkpoint = rows["deterministic"].train_epochs
         saliency_epochs = 1 if selection == "grad2" else 0
         fit_epochs = 1 if method == "laplace" else r.posterior_epochs * r.training.samples
-        flops = count_prediction_flops(pbnn, x, r.eval_samples)
+        flops = count_prediction_flops(pbnn, x, samples)
         note = (
             f"the checkpoint {'+ saliency ' if saliency_epochs else ''}+ {method} "
             f"posterior (lambda {report.prior_precision:.3g}; about {fit_epochs} epoch(s) of "
             f"training cost), t = {c.scale:.3g} and T = {c.temperature:.3f} fitted on the "
-            "validation split"
+            f"validation split, S = {samples}"
         )
         extra = saliency_epochs + fit_epochs
-        calibrated = _Model(self._bayes(pbnn), _parameters(pbnn), checkpoint + extra, flops,
-                            note, pbnn)  # fmt: skip
+        calibrated = _Model(partial(self._predict, pbnn, samples), _parameters(pbnn),
+                            checkpoint + extra, flops, note, pbnn)  # fmt: skip
         means = _Model(self._at_means(pbnn), _parameters(pbnn), checkpoint + extra, base,
                        f"the same model at t = 0 (its means), T = {c.temperature:.3f}")  # fmt: skip
         return {r.name(task): calibrated, f"{r.name(task)}, at its means": means}

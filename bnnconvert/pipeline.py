@@ -10,7 +10,7 @@ choose r_bayes on validation data if asked (:func:`~bnnconvert.select_r_bayes`),
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +44,8 @@ def convert_checkpoint(
     val_data: Iterable | None = None,
     posterior_options: Mapping[str, Any] | None = None,
     progress: bool = False,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     **convert_kwargs: Any,
 ) -> nn.Module:
     """Checkpoint in, partial Bayesian network out: load, score, select, convert, fit the
@@ -73,6 +75,9 @@ def convert_checkpoint(
             "auto".
         posterior_options: more keyword arguments of :func:`~bnnconvert.fit_posterior`.
         progress: tqdm bars.
+        include, exclude: which parameters are scored and converted: kinds of
+            :data:`~bnnconvert.layers.PARAMETER_KINDS` or state_dict-name globs (default:
+            :data:`~bnnconvert.layers.DEFAULT_INCLUDE`); see :func:`~bnnconvert.convert`.
         **convert_kwargs: passed to :func:`~bnnconvert.convert` (prior_sigma, rho_init,
             moped_delta, scope, ...).
 
@@ -94,15 +99,17 @@ def convert_checkpoint(
                 "saved saliency, or criterion='magnitude' / 'random'"
             )
         saliency = compute_saliency(
-            model, data, loss_fn, criterion=criterion, num_batches=num_batches, device=device
-        )
+            model, data, loss_fn, criterion=criterion, num_batches=num_batches, device=device,
+            include=include, exclude=exclude,
+        )  # fmt: skip
     sweep = None
     if r_bayes == "auto":
         if not isinstance(saliency, Saliency):
             saliency = Saliency.load(saliency)
         sweep = select_r_bayes(model, saliency, data, val_data, device=device, progress=progress)
         r_bayes = sweep.r_bayes
-    pbnn = convert(model, saliency, r_bayes, **convert_kwargs)
+    choice = {k: v for k, v in (("include", include), ("exclude", exclude)) if v is not None}
+    pbnn = convert(model, saliency, r_bayes, **choice, **convert_kwargs)
     if posterior is not None:
         report = fit_posterior(pbnn, data, val_data, method=posterior, device=device,
                                progress=progress, **dict(posterior_options or {}))  # fmt: skip

@@ -191,6 +191,67 @@ def test_convert_fits_and_calibrates_the_posterior(ws, pipeline):
     assert bad.exit_code == 2 and "r_bayes" in bad.output
 
 
+def test_convert_last_layer_is_the_classification_recipe(ws, pipeline):
+    """convert --last-layer --posterior laplace: every entry of the last layer Bayesian and
+    the library's fit and calibration at the recipe's S (the same numbers); --last-layer
+    refuses --r-bayes, and without it --r-bayes is required."""
+    data = ws / "digits.npz"
+    args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
+            "laplace", "--last-layer", "--samples", "20", *BATCH]  # fmt: skip
+    _ok([*args, "-o", ws / "last.pt"])
+    cli = load(ws / "last.pt")
+    det = load(ws / "det.pt")
+    ref = convert(det, bnnconvert.last_layer_masks(det), None)
+    report = bnnconvert.fit_posterior(
+        ref,
+        open_data(data, "train", batch_size=16),
+        open_data(data, "val", batch_size=16),
+        samples=20,
+    )
+    assert bnnconvert.bayes_summary(cli).bayesian == bnnconvert.bayes_summary(ref).bayesian
+    assert bnnconvert.bayes_summary(cli).bayesian == sum(
+        p.numel() for p in list(det.modules())[-1].parameters()
+    )
+    info = cli.bnnconvert_info["posterior"]
+    assert info["scale"] == report.calibration.scale
+    assert info["temperature"] == pytest.approx(report.calibration.temperature, rel=1e-5)
+    both = [*args, "--r-bayes", "0.01", "-o", ws / "x.pt"]
+    bad = CliRunner().invoke(main, [str(a) for a in both])
+    assert bad.exit_code == 2 and "--last-layer selects the entries" in bad.output
+    neither = ["convert", ws / "det.pt", "--data", data, "-o", ws / "x.pt"]
+    bad = CliRunner().invoke(main, [str(a) for a in neither])
+    assert bad.exit_code == 2 and "--r-bayes" in bad.output
+    assert not (ws / "x.pt").exists()
+
+
+def test_include_and_exclude_choose_the_scored_parameters(ws, pipeline):
+    """saliency/convert --include/--exclude: the scores and the Bayesian entries of exactly
+    the chosen parameters, as the library's compute_saliency(include=, exclude=) gives."""
+    data = ws / "digits.npz"
+    _ok(["saliency", ws / "det.pt", "--data", data, *BATCH, "--batches", "2",
+         "--include", "linear,conv", "--exclude", "layer4.*", "-o", ws / "sal_ie.pt"])  # fmt: skip
+    det = load(ws / "det.pt")
+    ref = bnnconvert.compute_saliency(
+        det,
+        open_data(data, "train", batch_size=16),
+        num_batches=2,
+        include=["linear", "conv"],
+        exclude=["layer4.*"],
+    )
+    sal = Saliency.load(ws / "sal_ie.pt")
+    assert set(sal.scores) == set(ref.scores)
+    assert sal.scores and not any(n.startswith("layer4.") for n in sal.scores)
+    _ok(["convert", ws / "det.pt", "--saliency", ws / "sal_ie.pt", "--r-bayes", "1%",
+         "--include", "linear", "-o", ws / "fc_only.pt"])  # fmt: skip
+    fc_only = load(ws / "fc_only.pt")
+    assert [name for name, _ in bayesian_layers(fc_only)] == ["fc"]
+    args = ["saliency", ws / "det.pt", "--criterion", "magnitude", "--include",
+            "nothing_matches.*", "-o", ws / "x.pt"]  # fmt: skip
+    bad = CliRunner().invoke(main, [str(a) for a in args])
+    assert bad.exit_code != 0 and "nothing_matches" in bad.output
+    assert not (ws / "x.pt").exists()
+
+
 def png_size(path: Path) -> tuple[int, int]:
     """(width, height) of a PNG, decoded in full (a truncated file fails)."""
     from PIL import Image

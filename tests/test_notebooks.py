@@ -158,7 +158,7 @@ def check_classification(nb, quick: bool) -> None:
     k_last = sum(int(m.sum()) for m in last_layer_masks(model).values())
     entries = sum(p.numel() for p in convertible_parameters(model).values())
     assert k_last == 10 * 512 + 10
-    assert re.search(rf"\nfc\s+Linear\s+{k_last:,}\s+{k_last:,}\s+100\.00%", stdout)
+    assert re.search(rf"\nfc\s+Linear\s+linear\s+{k_last:,}\s+{k_last:,}\s+100\.00%", stdout)
     reports = re.findall(r"posterior: laplace, ([\d,]+) Bayesian entries", stdout)
     assert reports == [f"{k_last:,}", f"{round(0.01 * entries):,}"]
     t, _ = check_calibration(stdout, 0)
@@ -190,10 +190,15 @@ def check_classification(nb, quick: bool) -> None:
         assert scaled["nll"] < checkpoint["nll"]  # temperature scaling helps this checkpoint
     # the prediction's FLOPs with the hoisted prefix counted once: the last layer's S draws
     # cost about one forward, the grad2 selection (from conv1 on) S forwards
-    flops = dict(re.findall(r"posterior \((laplace, [^)]+)\): [\d.]+x the checkpoint's "
-                            r"prediction time .*?, ([\d.]+)x its FLOPs \(the hoisted", stdout))
+    flops = dict(
+        re.findall(
+            r"posterior \((laplace, [^)]+)\): [\d.]+x the checkpoint's "
+            r"prediction time .*?, ([\d.]+)x its FLOPs \(the hoisted",
+            stdout,
+        )
+    )
     assert set(flops) == {"laplace, last layer", "laplace, grad2 1 %"}
-    assert 1 <= float(flops["laplace, last layer"]) < 1.05
+    assert 1 <= float(flops["laplace, last layer"]) < 1.1  # 300 draws of a 512 x 10 layer
     assert float(flops["laplace, grad2 1 %"]) == pytest.approx(10, rel=0.02)  # S = 10
     # the curve, two reliability diagrams, the entropy histograms
     assert len(images(nb)) == 4

@@ -7,8 +7,9 @@ from typing import Any
 import click
 
 from .._utils import check_output_path
-from ..convert import bayes_summary
+from ..convert import bayes_summary, last_layer_masks
 from ..convert import convert as convert_model
+from ..demo import Recipe
 from ..pipeline import convert_checkpoint
 from ..posterior import METHODS
 from ..saliency import CRITERIA, DATA_CRITERIA, FREE_CRITERIA, compute_saliency
@@ -18,10 +19,13 @@ from .options import (
     load_cli_model,
     model_options,
     output_option,
+    parameter_options,
     r_bayes_type,
     saliency_data,
     show_progress,
 )
+
+RECIPE = Recipe()  # the recommended recipe's defaults (bnnconvert.demo)
 
 __all__ = ["convert", "saliency"]
 
@@ -56,6 +60,7 @@ Examples:
     type=r_bayes_type(),
     help="Fraction (or percentage, 1%) of entries whose placement per layer is printed.",
 )
+@parameter_options
 @model_options
 @data_options
 @output_option
@@ -70,6 +75,8 @@ def saliency(
     class_weights: bool,
     top: float,
     output: str,
+    include: list[str] | None,
+    exclude: list[str] | None,
     **o: Any,
 ) -> None:
     """Score every weight entry of a model (step 2).
@@ -92,6 +99,8 @@ def saliency(
         num_batches=batches,
         device=o["device"],
         seed=o["seed"],
+        include=include,
+        exclude=exclude,
     )
     sal.save(output)
     summary = bayes_summary(convert_model(net, sal, top))
@@ -103,6 +112,8 @@ def saliency(
 @click.command(
     epilog="""\b
 Examples:
+  bnnconvert convert det.pt --data demo:digits --val-data demo:digits --posterior laplace \\
+      --last-layer -o bayes.pt
   bnnconvert convert det.pt --data demo:digits --val-data demo:digits --posterior laplace \\
       --r-bayes 0.01 -o bayes.pt
   bnnconvert convert det.pt --saliency saliency.pt --r-bayes 0.01 -o bayes.pt
@@ -121,10 +132,23 @@ Examples:
 )
 @click.option(
     "--r-bayes",
-    required=True,
     type=r_bayes_type(auto=True),
     help="Fraction of entries made Bayesian, in (0, 1]: 0.01 or 1%; or 'auto': the "
-    "smallest fraction within 1 % of the best validation NLL (needs --data, --val-data).",
+    "smallest fraction within 1 % of the best validation NLL (needs --data, --val-data). "
+    "Required unless --last-layer.",
+)
+@click.option(
+    "--last-layer",
+    is_flag=True,
+    help="Make every weight and bias of the last layer Bayesian (the recommended recipe "
+    "for classifiers, with --posterior laplace) instead of the top --r-bayes entries.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(1),
+    help="Monte Carlo samples per calibration step of --posterior. Default: "
+    f"{RECIPE.last_layer_samples} with --last-layer (its draws cost a classifier forward "
+    f"each), else {RECIPE.eval_samples}.",
 )
 @click.option(
     "--posterior",
@@ -152,6 +176,7 @@ Examples:
 )
 @click.option("--moped-delta", type=float, help="Initial sigma = delta * |mu| instead.")
 @click.option("--batches", type=int, help="Saliency pass: stop after N batches.")
+@parameter_options
 @model_options
 @data_options
 @output_option
@@ -161,7 +186,9 @@ def convert(
     model: str,
     saliency_: str | None,
     data: str | None,
-    r_bayes: float,
+    r_bayes: float | str | None,
+    last_layer: bool,
+    samples: int | None,
     scope: str,
     prior_mu: float,
     prior_sigma: float,
@@ -173,6 +200,8 @@ def convert(
     val_split: str,
     epochs: int,
     output: str,
+    include: list[str] | None,
+    exclude: list[str] | None,
     **o: Any,
 ) -> None:
     """Make the top r_bayes entries Bayesian (step 3) and fit their posterior.
@@ -182,7 +211,13 @@ def convert(
     --val-data). The saved model loads with bnnconvert.load(path) without unpickling code.
     """
     free = saliency_ in FREE_CRITERIA
-    if saliency_ is None and data is None:
+    if last_layer and (saliency_ is not None or r_bayes is not None):
+        raise click.UsageError(
+            "--last-layer selects the entries: leave out --saliency and --r-bayes"
+        )
+    if not last_layer and r_bayes is None:
+        raise click.UsageError("pass --r-bayes FRACTION (e.g. 0.01 or 1%), or --last-layer")
+    if saliency_ is None and data is None and not last_layer:
         raise click.UsageError("pass --saliency FILE (from `bnnconvert saliency`) or --data")
     needs = [
         flag
@@ -200,12 +235,14 @@ def convert(
         shuffle = posterior in ("vi", "paper")
         loader, loss_fn = saliency_data(ctx, net, data, "train", True, o, shuffle=shuffle)
     val = None if val_data is None else cli_loader(val_data, val_split, False, o)
+    if samples is None:
+        samples = RECIPE.last_layer_samples if last_layer else RECIPE.eval_samples
     pbnn = convert_checkpoint(
         net,
         loader,
-        r_bayes,
+        None if last_layer else r_bayes,
         criterion=saliency_ if free else "grad2",
-        saliency=None if free else saliency_,
+        saliency=last_layer_masks(net) if last_layer else None if free else saliency_,
         output=output,
         loss_fn=loss_fn,
         num_batches=batches,
@@ -217,7 +254,9 @@ def convert(
         scope=scope,
         posterior=posterior,
         val_data=val,
-        posterior_options={"epochs": epochs, "seed": o["seed"]},
+        posterior_options={"epochs": epochs, "seed": o["seed"], "samples": samples},
+        include=include,
+        exclude=exclude,
         progress=show_progress(ctx),
     )
     click.echo(f"wrote {output}")

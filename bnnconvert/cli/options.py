@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .._utils import BatchFormat, resolve_device, tuple_batches
 from ..data import open_data
+from ..layers import DEFAULT_INCLUDE, PARAMETER_KINDS
 from ..losses import LossFn, data_class_weights, data_task, task_loss
 from ..saliency import check_r_bayes
 from ..serialization import load_checkpoint, parse_arch_kwargs
@@ -37,6 +38,7 @@ __all__ = [
     "load_cli_model",
     "model_options",
     "output_option",
+    "parameter_options",
     "parse_r_bayes",
     "r_bayes_type",
     "saliency_data",
@@ -140,6 +142,30 @@ def data_options(fn: Callable) -> Callable:
     ]
     for option in options:
         fn = option(fn)
+    return fn
+
+
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise click.BadParameter("give comma-separated kinds or name patterns, e.g. linear,conv")
+    return names
+
+
+def parameter_options(fn: Callable) -> Callable:
+    """--include, --exclude: which parameters are scored and converted."""
+    kinds = ", ".join(PARAMETER_KINDS)
+    for flag, text in (
+        ("--exclude", "Leave these out (the same forms)."),
+        (
+            "--include",
+            f"Parameters to score and convert, comma-separated: kinds ({kinds}) or "
+            "state_dict-name patterns (fc.*). Default: " + ",".join(DEFAULT_INCLUDE) + ".",
+        ),
+    ):
+        fn = click.option(flag, metavar="KINDS", callback=_names, help=text)(fn)
     return fn
 
 
