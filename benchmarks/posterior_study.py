@@ -868,6 +868,74 @@ def samples_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------- shape
+def shape_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    """The recipe's last-layer posterior (S = SAMPLE_GRID[-1]) with other shapes of sigma:
+    the exact GGN instead of the Monte Carlo Fisher, and the prior precision lambda x 0.1
+    and x 10 of the evidence's (wider: sigma follows the curvature more; narrower: closer
+    to one sigma for every entry); each calibrated on the validation split."""
+    y = sets["test"][1]
+    model = checkpoint(sets, seed, folder, quick)
+    samples = SAMPLE_GRID[-1]
+    base = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
+    data = train_loader(sets, seed, shuffle=False)
+    evidence = bnnconvert.fit_posterior(copy.deepcopy(base), data, method="laplace", seed=seed)
+    variants = {
+        "Monte Carlo Fisher, lambda by the evidence": {},
+        "exact GGN, lambda by the evidence": {"curvature": "exact"},
+        "Monte Carlo Fisher, lambda x 0.1": {"prior_precision": evidence.prior_precision * 0.1},
+        "Monte Carlo Fisher, lambda x 10": {"prior_precision": evidence.prior_precision * 10},
+    }
+    rows: dict[str, dict] = {}
+    items: dict[str, dict] = {}
+    predictor, info = temperature_scaled(model, sets)
+    preds = run_predictor(predictor, sets, seed)
+    rows["temperature scaling"] = {**summarise(preds, y), **info}
+    items["temperature scaling"] = per_item(preds, y)
+    for name, options in variants.items():
+        pbnn = copy.deepcopy(base)
+        report = bnnconvert.fit_posterior(
+            pbnn, data, val_loader(sets), method="laplace", samples=samples, seed=seed, **options
+        )
+        cal = report.calibration
+        preds = run_predictor(bayes_predictor(pbnn, samples), sets, seed)
+        rows[name] = {
+            **summarise(preds, y),
+            "val_nll": cal.nll,
+            "scale": cal.scale,
+            "temperature": cal.temperature,
+            "prior_precision": report.prior_precision,
+            "sigma_median": report.sigma_quantiles["median"],
+        }
+        items[name] = per_item(preds, y)
+        _log_row(seed, name, rows[name])
+    return {"seed": seed, "results": rows, "items": items}
+
+
+def shape_main(args, folder: Path) -> None:
+    sets = load_sets(args.quick)
+    start = time.perf_counter()
+    seeds = [shape_seed(seed, sets, folder, args.quick) for seed in args.seeds]
+    names = [n for n in seeds[0]["results"] if n != "temperature scaling"]
+    paired = {
+        name: {
+            stat: paired_interval(seeds, name, "temperature scaling", stat)
+            for stat in ("nll", "auroc_far") + (("auroc_near",) if "near" in sets else ())
+        }
+        for name in names
+    }
+    report = {
+        "machine": _machine(),
+        "seconds": time.perf_counter() - start,
+        "seeds": [{"seed": s["seed"], "results": s["results"]} for s in seeds],
+        "paired": paired,
+    }
+    (folder / "shape.json").write_text(json.dumps(report, indent=1))
+    text = samples_markdown(report)
+    (folder / "shape.md").write_text(text)
+    print(text)
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
@@ -881,7 +949,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--task",
-        choices=("classification", "segmentation", "sigma", "samples"),
+        choices=("classification", "segmentation", "sigma", "samples", "shape"),
         default="classification",
     )
     args = parser.parse_args()
@@ -897,6 +965,9 @@ def main() -> None:
         return
     if args.task == "samples":
         samples_main(args, folder)
+        return
+    if args.task == "shape":
+        shape_main(args, folder)
         return
     sets = load_sets(args.quick)
     start = time.perf_counter()
