@@ -128,3 +128,38 @@ def test_posterior_markdown_section_is_appended_then_replaced(tmp_path):
         "# Benchmarks\n\n## Run F2\n\n#### resnet18\n\n| a |\n\n"
         "## Posterior fitting\n\n### engines\n\nsecond\n"
     )
+
+
+STUDY = SCRIPT.with_name("posterior_study.py")
+
+
+def _study(task: str, out: Path) -> dict:
+    cmd = [sys.executable, str(STUDY), "--task", task, "--quick", "--seeds", "0"]
+    cmd += ["--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    assert (out / f"{task}.md").read_text().count("\n| ") > 5
+    return json.loads((out / f"{task}.json").read_text())["seeds"][0]["results"]
+
+
+@pytest.mark.integration
+def test_posterior_study_samples_and_shape_tasks(tmp_path):
+    """The study's S and shape tasks (quick): every row; a calibrated posterior is never
+    worse than temperature scaling on the validation NLL (t = 0 is temperature scaling);
+    at its means it predicts the checkpoint's classes; the fixed-t rows keep their t with
+    T >= the bound; the shape variants differ in lambda as asked."""
+    rows = _study("samples", tmp_path)
+    ts = rows["temperature scaling"]
+    for s in (10, 100, 300):
+        calibrated = rows[f"laplace, last layer, S = {s}"]
+        assert calibrated["val_nll"] <= ts["val_nll"] + 1e-4
+        assert rows[f"laplace, last layer, S = {s}, at its means"]["accuracy"] == ts["accuracy"]
+    for label, t in (("0.71", 2**-0.5), ("1", 1.0)):
+        fixed = rows[f"laplace, last layer, S = 300, t = {label}"]
+        assert fixed["scale"] == pytest.approx(t) and fixed["temperature"] >= 0.5 - 1e-9
+    shape = _study("shape", tmp_path)
+    default = shape["Monte Carlo Fisher, lambda by the evidence"]
+    for factor in (0.1, 10):
+        lam = shape[f"Monte Carlo Fisher, lambda x {factor:g}"]["prior_precision"]
+        assert lam == pytest.approx(factor * default["prior_precision"], rel=1e-6)
+    assert all(row["val_nll"] <= shape["temperature scaling"]["val_nll"] + 1e-4
+               for name, row in shape.items() if name != "temperature scaling")  # fmt: skip
