@@ -793,10 +793,12 @@ def samples_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     return {"seed": seed, "results": rows, "items": items}
 
 
-def samples_main(args, folder: Path) -> None:
+def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
+    """Run ``run_seed`` (samples_seed or shape_seed) on every seed; write ``task``.json and
+    ``task``.md with the paired differences against temperature scaling."""
     sets = load_sets(args.quick)
     start = time.perf_counter()
-    seeds = [samples_seed(seed, sets, folder, args.quick) for seed in args.seeds]
+    seeds = [run_seed(seed, sets, folder, args.quick) for seed in args.seeds]
     names = [n for n in seeds[0]["results"] if n != "temperature scaling"]
     paired = {
         name: {
@@ -811,9 +813,9 @@ def samples_main(args, folder: Path) -> None:
         "seeds": [{"seed": s["seed"], "results": s["results"]} for s in seeds],
         "paired": paired,
     }
-    (folder / "samples.json").write_text(json.dumps(report, indent=1))
+    (folder / f"{task}.json").write_text(json.dumps(report, indent=1))
     text = samples_markdown(report)
-    (folder / "samples.md").write_text(text)
+    (folder / f"{task}.md").write_text(text)
     print(text)
 
 
@@ -912,30 +914,6 @@ def shape_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     return {"seed": seed, "results": rows, "items": items}
 
 
-def shape_main(args, folder: Path) -> None:
-    sets = load_sets(args.quick)
-    start = time.perf_counter()
-    seeds = [shape_seed(seed, sets, folder, args.quick) for seed in args.seeds]
-    names = [n for n in seeds[0]["results"] if n != "temperature scaling"]
-    paired = {
-        name: {
-            stat: paired_interval(seeds, name, "temperature scaling", stat)
-            for stat in ("nll", "auroc_far") + (("auroc_near",) if "near" in sets else ())
-        }
-        for name in names
-    }
-    report = {
-        "machine": _machine(),
-        "seconds": time.perf_counter() - start,
-        "seeds": [{"seed": s["seed"], "results": s["results"]} for s in seeds],
-        "paired": paired,
-    }
-    (folder / "shape.json").write_text(json.dumps(report, indent=1))
-    text = samples_markdown(report)
-    (folder / "shape.md").write_text(text)
-    print(text)
-
-
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
@@ -963,11 +941,9 @@ def main() -> None:
     if args.task == "sigma":
         sigma_histograms(args, folder)
         return
-    if args.task == "samples":
-        samples_main(args, folder)
-        return
-    if args.task == "shape":
-        shape_main(args, folder)
+    if args.task in ("samples", "shape"):
+        run_seed = samples_seed if args.task == "samples" else shape_seed
+        last_layer_main(args, folder, args.task, run_seed)
         return
     sets = load_sets(args.quick)
     start = time.perf_counter()
