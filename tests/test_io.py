@@ -15,7 +15,7 @@ from torch import nn
 import bnnconvert
 from bnnconvert import convert, mean_weights, to_deterministic
 from bnnconvert.data import open_data
-from bnnconvert.layers import bayesian_layers
+from bnnconvert.layers import bayesian_layers, bayesian_masks
 from bnnconvert.pipeline import convert_checkpoint
 from bnnconvert.serialization import (
     build_model,
@@ -56,14 +56,6 @@ def pbnn(resnet):
     return model
 
 
-def _masks(model):
-    return {
-        f"{ln}.{n}": layer.bayes_mask(n)
-        for ln, layer in bayesian_layers(model)
-        for n in layer.bayes_names
-    }
-
-
 def _files(folder):
     return sorted(p.name for p in folder.iterdir())
 
@@ -82,7 +74,7 @@ def test_round_trip_identical_outputs_masks_and_samples(pbnn, x, tmp_path):
     assert _files(tmp_path) == ["bayes.pt"]  # no temporary left
     assert not loaded.training
     pbnn.eval()
-    masks_a, masks_b = _masks(pbnn), _masks(loaded)
+    masks_a, masks_b = bayesian_masks(pbnn), bayesian_masks(loaded)
     assert masks_a.keys() == masks_b.keys() and masks_a
     assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
     sd_a, sd_b = pbnn.state_dict(), loaded.state_dict()
@@ -323,7 +315,7 @@ def test_convert_checkpoint_one_line(unet, xs, tmp_path):
     assert model.bnnconvert_info["criterion"] == "grad2"
     assert model.bnnconvert_info["rho_init"] == -4.0
     loaded = load(out)
-    assert _masks(loaded).keys() == _masks(model).keys()
+    assert bayesian_masks(loaded).keys() == bayesian_masks(model).keys()
     with mean_weights(loaded):
         assert torch.equal(loaded(xs), unet(xs))
     with pytest.raises(ValueError, match="needs data"):

@@ -21,7 +21,7 @@ import bnnconvert
 from bnnconvert import calibrate_posterior, convert, mean_weights
 from bnnconvert.cli import main
 from bnnconvert.convert import num_bayesian
-from bnnconvert.layers import bayesian_layers, sigma_scale
+from bnnconvert.layers import bayesian_layers, bayesian_masks, sigma_scale
 from bnnconvert.predict import temperature_of
 from bnnconvert.serialization import load, load_checkpoint, save
 
@@ -59,14 +59,6 @@ def _perturb_rho(model: nn.Module) -> nn.Module:
             for name in layer.bayes_names:
                 layer.bayes_rho(name).uniform_(-4, -2)
     return model
-
-
-def _masks(model):
-    return {
-        f"{ln}.{n}": layer.bayes_mask(n)
-        for ln, layer in bayesian_layers(model)
-        for n in layer.bayes_names
-    }
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
@@ -118,7 +110,7 @@ def test_converted_model_loads_into_an_instance_of_a_local_class(tmp_path, caplo
     fresh = net_class()
     loaded = load(path, model=fresh)
     assert loaded is fresh and not loaded.training
-    masks_a, masks_b = _masks(pbnn), _masks(loaded)
+    masks_a, masks_b = bayesian_masks(pbnn), bayesian_masks(loaded)
     assert masks_a.keys() == masks_b.keys() and masks_a
     assert all(torch.equal(masks_a[k], masks_b[k]) for k in masks_a)
     _assert_same_state(pbnn, loaded)
