@@ -192,8 +192,10 @@ def calibrate_posterior(
     validation outputs are held in memory on the CPU (S x N x outputs). Cost: one pass of
     S samples over the validation data per t.
 
-    The chosen t is written into every Bayesian layer (``bayes_scale``) and T into
-    ``model.bnnconvert_info["temperature"]``, which :func:`bnnconvert.predict` applies.
+    The chosen t is written into every Bayesian layer (``bayes_scale``), T into
+    ``model.bnnconvert_info["temperature"]``, which :func:`bnnconvert.predict` applies, and
+    S into ``model.bnnconvert_info["samples"]``, :func:`bnnconvert.predict`'s default S for
+    this model (t and T were chosen for that many draws).
 
     Args:
         model: a converted model (its sigma fitted, e.g. by :func:`fit_posterior`).
@@ -250,6 +252,7 @@ def calibrate_posterior(
         best = min(curve, key=lambda row: row[2])
     set_sigma_scale(model, best[0])
     set_temperature(model, best[1])
+    getattr(model, INFO_ATTR)["samples"] = samples  # predict's default S from now on
     if abs(math.log(best[1])) >= math.log(MAX_TEMPERATURE) - 1e-6:
         warnings.warn(
             f"the chosen temperature is at its bound {best[1]:g}: the model's predictions "

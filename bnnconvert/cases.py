@@ -78,10 +78,9 @@ from ._utils import (
     split_batch,
 )
 from ._version import __version__
-from .layers import bayesian_layers
 from .losses import TASKS, data_task
 from .metrics import dice
-from .predict import Prediction, predict_batches
+from .predict import Prediction, predict_batches, prediction_samples
 
 __all__ = ["CASES_FORMAT", "CaseReport", "check_cases_folder", "predict_cases"]
 
@@ -539,7 +538,7 @@ def predict_cases(
     data: Iterable,
     out_dir: str | os.PathLike,
     *,
-    samples: int = 5,
+    samples: int | None = None,
     task: str | None = None,
     activation: str | None = None,
     seed: int | None = None,
@@ -566,7 +565,8 @@ def predict_cases(
             its ``image_paths`` give the NIfTI reference of each case.
         out_dir: the output folder; created if missing. It must be empty unless
             ``overwrite``.
-        samples: S, the posterior samples per case.
+        samples: S, the posterior samples per case (None: the S the model was calibrated
+            with, else 5).
         task: "multiclass", "multilabel" or "segmentation"; default the data's
             (``data.dataset.task``), else segmentation for outputs with spatial
             dimensions (N, C, H, W[, D]), else classification.
@@ -590,6 +590,7 @@ def predict_cases(
     that is not empty without ``overwrite``, ``flag_top`` outside (0, 1], no batch),
     TypeError for data that is not an iterable of batches.
     """
+    samples = prediction_samples(model, samples)
     check_positive_int(samples=samples)
     _check_arguments(data, task, activation, flag_top)
     task = task or data_task(data)
@@ -597,8 +598,6 @@ def predict_cases(
     folder = check_cases_folder(out_dir, overwrite)
     if overwrite and folder.is_dir():
         _clear_previous(folder)
-    if not any(True for _ in bayesian_layers(model)):
-        samples = 1
     writer = _Writer(
         folder,
         task,

@@ -41,11 +41,12 @@ from ._utils import (
     split_batch,
 )
 from .convert import INFO_ATTR
-from .layers import mean_weights
+from .layers import bayesian_layers, mean_weights
 from .sampling import mc_outputs
 
 __all__ = [
     "AMP_DTYPES",
+    "DEFAULT_SAMPLES",
     "BatchFormat",
     "Prediction",
     "amp_autocast",
@@ -53,6 +54,8 @@ __all__ = [
     "mean_weights",
     "predict",
     "predict_batches",
+    "prediction_samples",
+    "samples_of",
     "split_batch",
     "stream_predictions",
     "temperature_of",
@@ -309,6 +312,28 @@ def temperature_of(model: nn.Module) -> float:
     return float(info.get("temperature", 1.0)) if isinstance(info, dict) else 1.0
 
 
+DEFAULT_SAMPLES = 5
+"""S of :func:`predict` for a model that carries no calibrated S."""
+
+
+def samples_of(model: nn.Module, default: int = DEFAULT_SAMPLES) -> int:
+    """The S a calibrated model was calibrated with (``model.bnnconvert_info["samples"]``,
+    stored by :func:`bnnconvert.calibrate_posterior`: its t and T were chosen for that
+    many draws), else ``default``."""
+    info = getattr(model, INFO_ATTR, None)
+    value = info.get("samples") if isinstance(info, dict) else None
+    return int(value) if value is not None else default
+
+
+def prediction_samples(model: nn.Module, samples: int | None = None) -> int:
+    """S for a prediction of ``model``: 1 for a model without Bayesian layers (its samples
+    would be identical), else ``samples``, or when None the S it was calibrated with
+    (:func:`samples_of`)."""
+    if not any(True for _ in bayesian_layers(model)):
+        return 1
+    return samples_of(model) if samples is None else samples
+
+
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -418,7 +443,7 @@ def _stream(
 def predict(
     model: nn.Module,
     x: Tensor | Iterable,
-    samples: int = 5,
+    samples: int | None = None,
     *,
     activation: Activation = "softmax",
     batch_size: int | None = None,
@@ -448,7 +473,9 @@ def predict(
             (input, target, ...) sequences whose targets are collected in
             ``Prediction.targets``, or mappings read by ``batch_format`` (one mapping of
             tensors is one batch). Batches are concatenated along N.
-        samples: S, the number of forward passes (posterior samples).
+        samples: S, the number of forward passes (posterior samples). None: the S the
+            model was calibrated with (:func:`samples_of`; its t and T were chosen for
+            it), else 5.
         activation: "softmax" (multi-class, class dim 1), "sigmoid" (multi-label or binary,
             one Bernoulli per output entry), or "none" (raw outputs; no entropies).
         batch_size: split a tensor ``x`` into batches of this size (memory: each batch
@@ -469,6 +496,8 @@ def predict(
 
     Returns a :class:`Prediction`; see its docstring for the shapes.
     """
+    if samples is None:
+        samples = samples_of(model)
     parts = predict_batches(
         model,
         x,

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bnnconvert
 from bnnconvert.calibration import MIN_NOISY_TEMPERATURE
+from bnnconvert.cases import predict_cases
 from bnnconvert.curvature import (
     diagonal_ggn,
     fit_prior_precision,
@@ -21,7 +22,8 @@ from bnnconvert.curvature import (
 )
 from bnnconvert.layers import bayesian_layers, convertible_parameters, set_sigma_scale, sigma_scale
 from bnnconvert.posterior import VI_SETTINGS, fit_temperature, predictive_nll
-from bnnconvert.predict import mean_weights
+from bnnconvert.predict import DEFAULT_SAMPLES, mean_weights, prediction_samples, samples_of
+from bnnconvert.training import evaluate_model
 
 
 # ------------------------------------------------------------------ the evidence
@@ -252,6 +254,30 @@ def test_calibrated_model_is_saved_and_loaded_with_its_scale_sigma_and_temperatu
     torch.manual_seed(0)
     p2 = bnnconvert.predict(loaded, x, 4).probs
     torch.testing.assert_close(p1, p2)
+
+
+def test_predictions_default_to_the_calibrated_number_of_samples(trained, tmp_path):
+    """calibrate_posterior stores its S; predict, evaluate_model and predict_cases draw that
+    many by default (t and T were chosen for it), also after save/load; an explicit S
+    wins; an uncalibrated model draws 5 and a deterministic one runs once."""
+    model, x, y = trained
+    pbnn = bnnconvert.convert(model, _half(model), None)
+    assert samples_of(pbnn) == DEFAULT_SAMPLES == 5
+    assert bnnconvert.predict(pbnn, x[:10]).samples.shape[0] == 5
+    bnnconvert.calibrate_posterior(pbnn, _loader(x[:120], y[:120]), samples=7, refine=False)
+    assert pbnn.bnnconvert_info["samples"] == 7
+    assert bnnconvert.predict(pbnn, x[:10]).samples.shape[0] == 7
+    assert bnnconvert.predict(pbnn, x[:10], 3).samples.shape[0] == 3
+    torch.manual_seed(0)
+    by_default, _ = evaluate_model(pbnn, _loader(x[:30], y[:30]))
+    torch.manual_seed(0)
+    explicit = bnnconvert.predict(pbnn, _loader(x[:30], y[:30]), 7, keep_samples=False)
+    torch.testing.assert_close(by_default.probs, explicit.probs)
+    report = predict_cases(pbnn, _loader(x[:30], y[:30]), tmp_path / "cases", seed=0)
+    assert report.samples == 7
+    bnnconvert.save(pbnn, tmp_path / "m.pt", arch="tests.test_posterior:_classifier")
+    assert samples_of(bnnconvert.load(tmp_path / "m.pt")) == 7
+    assert prediction_samples(model) == 1 and prediction_samples(pbnn, 2) == 2
 
 
 def test_predict_applies_the_stored_temperature(trained):

@@ -202,7 +202,7 @@ def test_a_folder_with_files_is_refused_unless_overwrite(ws, tmp_path):
     [
         (["--flag-top", "0"], 2, "(0, 1]"),
         (["--flag-top", "1.5"], 2, "(0, 1]"),
-        (["--samples", "0"], 1, "samples must be a positive integer"),
+        (["--samples", "0"], 2, "x>=1"),
         (["--data", "demo:nuclei"], 1, "do not fit"),
         (["--data", "demo:nothing"], 1, "unknown bundled data set"),
         (["--split", "nosuch"], 1, "nosuch"),

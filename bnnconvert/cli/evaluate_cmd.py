@@ -11,9 +11,9 @@ import click
 
 from .. import plots
 from .._utils import atomic_write_text, check_output_path, json_safe
-from ..convert import bayes_summary, num_bayesian
+from ..convert import bayes_summary
 from ..metrics import ECE_BINS, OOD_SCORES, ood_scores
-from ..predict import Prediction, predict
+from ..predict import Prediction, predict, prediction_samples
 from ..serialization import describe
 from ..training import check_fit, evaluate_model, seed_everything
 from .options import (
@@ -41,9 +41,9 @@ Examples:
 @click.option("--split", default="test", show_default=True)
 @click.option(
     "--samples",
-    default=5,
-    show_default=True,
-    help="Posterior samples (1 for a deterministic model).",
+    type=click.IntRange(1),
+    help="Posterior samples. Default: the S the model was calibrated with, else 5 (1 for "
+    "a deterministic model).",
 )
 @click.option(
     "--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON."
@@ -70,7 +70,7 @@ def evaluate(
     model: str,
     data: str,
     split: str,
-    samples: int,
+    samples: int | None,
     json_path: str | None,
     ood: str | None,
     ood_split: str,
@@ -93,6 +93,7 @@ def evaluate(
     net.to(o["device"])
     seed_everything(o["seed"])  # the Monte Carlo samples
     check_fit(net, loader, loss_fn, task)
+    samples = prediction_samples(net, samples)
     prediction, metrics = evaluate_model(
         net, loader, task, samples=samples, device=o["device"], progress=show_progress(ctx)
     )
@@ -110,7 +111,7 @@ def evaluate(
         ood_prediction = predict(
             net,
             ood_loader,
-            samples if num_bayesian(net) else 1,  # as evaluate_model
+            samples,
             activation=prediction.activation,
             keep_samples=False,
             device=o["device"],

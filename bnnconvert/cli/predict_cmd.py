@@ -58,9 +58,9 @@ From a fresh clone, make bayes.pt and nuclei_bayes.pt first (a few minutes on a 
 )
 @click.option(
     "--samples",
-    default=5,
-    show_default=True,
-    help="Posterior samples (a model without Bayesian layers is run once).",
+    type=click.IntRange(1),
+    help="Posterior samples. Default: the S the model was calibrated with, else 5 (a "
+    "model without Bayesian layers is run once).",
 )
 @click.option(
     "--flag-top",
@@ -82,7 +82,7 @@ def predict_command(
     data: str,
     split: str,
     out: str,
-    samples: int,
+    samples: int | None,
     flag_top: float | None,
     overwrite: bool,
     keep_samples: bool,

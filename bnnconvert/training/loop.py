@@ -54,7 +54,7 @@ from ..elbo import BetaSchedule, elbo_loss
 from ..layers import bayesian_layers
 from ..losses import LossFn, data_task, task_loss
 from ..metrics import evaluate
-from ..predict import Prediction, amp_autocast, predict
+from ..predict import Prediction, amp_autocast, predict, prediction_samples
 from ..serialization import save
 from . import distributed
 from .checkpoint import (
@@ -79,7 +79,7 @@ def evaluate_model(
     data: Iterable,
     task: str | None = None,
     *,
-    samples: int = 5,
+    samples: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
     amp: str | None = None,
@@ -88,8 +88,9 @@ def evaluate_model(
     """Monte Carlo prediction on ``data`` and every metric of the task.
 
     Args:
-        model: a converted model (``samples`` posterior samples) or a deterministic one
-            (one forward: its samples would be identical).
+        model: a converted model (``samples`` posterior samples; None: the S it was
+            calibrated with, else 5) or a deterministic one (one forward: its samples would
+            be identical).
         data: (input, target) batches (mappings: ``batch_format``).
         task: "multiclass", "multilabel" or "segmentation"; default ``data.dataset.task``,
             else "multiclass".
@@ -99,13 +100,11 @@ def evaluate_model(
     {metric: value} as :func:`bnnconvert.metrics.evaluate` gives it).
     """
     task = task or data_task(data) or "multiclass"
-    if not any(True for _ in bayesian_layers(model)):
-        samples = 1
     activation = "sigmoid" if task == "multilabel" else "softmax"
     prediction = predict(
         model,
         data,
-        samples,
+        prediction_samples(model, samples),
         activation=activation,
         keep_samples=False,
         device=device,
