@@ -39,7 +39,7 @@ from .._utils import (
     model_device,
 )
 from ..convert import last_convertible_layers
-from ..flops import count_flops, training_cost
+from ..flops import count_flops, count_prediction_flops, training_cost
 from ..losses import LossFn, check_task, data_task, task_loss
 from ..predict import Prediction, eval_mode, stream_predictions
 from ..sampling import mc_outputs
@@ -369,9 +369,16 @@ def model_flops(
     saliency_batches: int = 0,
     batch_format: BatchFormat | None = None,
 ) -> dict[str, int]:
-    """The FLOP dict of :meth:`Method.flops` for one model."""
+    """The FLOP dict of :meth:`Method.flops` for one model; "inference" counts a
+    prediction as :func:`bnnconvert.predict` runs it (the part no stochastic operation
+    influences once, the rest ``inference_samples`` times:
+    :func:`~bnnconvert.flops.count_prediction_flops`)."""
     forward = count_flops(model, inputs, batch_format=batch_format)
-    inference = forward.total * inference_samples
+    inference = forward.total
+    if inference_samples > 1:
+        inference = count_prediction_flops(
+            model, inputs, inference_samples, batch_format=batch_format
+        )
     cost = training_cost(
         model,
         inputs,

@@ -26,7 +26,8 @@ expected prediction (per image: mean over pixels or labels).
 Training FLOPs count the whole pipeline of each method (the shared pretraining
 included, except for the ensemble which does not use it), as multiples of the
 deterministic pipeline (pretraining + ``epochs`` epochs); inference FLOPs are one
-prediction (S forwards, M members, K checkpoints) over one deterministic forward.
+prediction as ``predict`` runs it (the layers before the first stochastic one once, the
+rest S times; M members, K checkpoints) over one deterministic forward.
 
 :func:`evaluate_methods` returns one row (a dict) per method; :func:`run_comparison` runs
 it on the requested methods plus the r_bayes sweep of the paper (partial 1, 5, 10, 20,
