@@ -225,3 +225,14 @@ def test_recipe_rejects_unknown_choices():
     own = Recipe(posterior="vi", selection="grad2", seg_posterior="laplace")
     assert own.name("multiclass") == "bnnconvert: vi, grad2"
     assert own.choice("segmentation") == ("laplace", Recipe().seg_selection)
+
+
+def test_recipe_samples_follow_the_selection():
+    """Many draws where they cost a classifier forward (the last layer), eval_samples where
+    every draw runs the whole network (grad2)."""
+    own = Recipe(selection="last layer", seg_selection="grad2", eval_samples=7,
+                 last_layer_samples=40)  # fmt: skip
+    assert own.samples("multiclass") == 40 and own.samples("segmentation") == 7
+    swapped = Recipe(selection="grad2", seg_selection="last layer", eval_samples=7,
+                     last_layer_samples=40)  # fmt: skip
+    assert swapped.samples("multiclass") == 7 and swapped.samples("segmentation") == 40

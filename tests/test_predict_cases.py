@@ -23,19 +23,9 @@ from bnnconvert.cases import predict_cases
 from bnnconvert.cli import main
 from bnnconvert.data import open_data
 from bnnconvert.models import UNet
+from tests.test_cli import small_cnn
 
 SEED, S = 7, 3
-
-
-def small_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
-    """A factory for ``arch="tests.test_predict_cases:small_cnn"``."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 4, 3, stride=2),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16, num_classes),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +33,10 @@ def ws(tmp_path_factory):
     """Converted models saved as files: a small CNN (digits), a small UNet (nuclei)."""
     root = tmp_path_factory.mktemp("cases")
     torch.manual_seed(0)
-    cnn = bnnconvert.convert(small_cnn(), "magnitude", 0.2)
-    bnnconvert.save(cnn, root / "digits.pt", arch="tests.test_predict_cases:small_cnn")
+    cnn = bnnconvert.convert(small_cnn(num_classes=10), "magnitude", 0.2)
+    bnnconvert.save(
+        cnn, root / "digits.pt", arch="tests.test_cli:small_cnn", arch_kwargs={"num_classes": 10}
+    )
     unet = bnnconvert.convert(UNet(1, 2, base=4, depth=2).eval(), "magnitude", 0.05)
     bnnconvert.save(
         unet, root / "nuclei.pt", arch="bnnconvert.models:UNet", arch_kwargs={"base": 4, "depth": 2}
