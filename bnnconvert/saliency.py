@@ -234,32 +234,39 @@ def compute_saliency(
     if data is None:
         raise ValueError(f"criterion {criterion!r} needs data: an iterable of (input, target)")
     fmt = as_batch_format(batch_format)
+    task = data_task(data)  # read from the loader itself, before any slicing hides it
+    data = _first_batches(data, num_batches)
     if criterion == "variance":
-        sal = _variance_scores(model, params, data, num_batches, device, fmt)
+        sal = _variance_scores(model, params, data, task, device, fmt)
         sal.meta.update(selection)
         return sal
     grads, meta = _gradient_pass(
-        model, params, data, loss_fn or default_loss, criterion, num_batches, device, fmt
+        model, params, data, loss_fn or default_loss, criterion, device, fmt
     )
     return Saliency(grads, criterion, {**meta, **selection})
+
+
+def _first_batches(data: Iterable, num_batches: int | None) -> Iterable:
+    """The first ``num_batches`` batches of ``data`` (all of them for None). The result
+    is a plain iterator: read anything the loader declares (``data_task``) before."""
+    return data if num_batches is None else itertools.islice(data, num_batches)
 
 
 def _variance_scores(
     model: nn.Module,
     params: Mapping[str, Tensor],
     data: Iterable,
-    num_batches: int | None,
+    task: str | None,
     device,
     fmt: BatchFormat,
 ) -> Saliency:
     """Diagonal Laplace posterior variances of every entry of ``params`` (see the module
-    docstring)."""
-    if num_batches is not None:
-        data = itertools.islice(data, num_batches)
+    docstring); ``task`` (:data:`bnnconvert.losses.TASKS` or None: categorical) picks the
+    likelihood."""
     curvature = diagonal_ggn(
         model,
         data,
-        likelihood=likelihood_of_task(data_task(data)),
+        likelihood=likelihood_of_task(task),
         names=list(params),
         device=device,
         batch_format=fmt,
@@ -280,7 +287,7 @@ def _data_free_scores(params: Mapping[str, Tensor], criterion: str, seed: int | 
     return {n: torch.rand(p.shape, generator=gen) for n, p in params.items()}
 
 
-def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device, fmt):
+def _gradient_pass(model, params, data, loss_fn, criterion, device, fmt):
     """Accumulate gradient statistics over the batches; restore the model afterwards."""
     names, tensors = list(params), list(params.values())
     home = None
@@ -295,8 +302,6 @@ def _gradient_pass(model, params, data, loss_fn, criterion, num_batches, device,
         for p in tensors:
             p.requires_grad_(True)
         for batch in data:
-            if num_batches is not None and batches >= num_batches:
-                break
             x, y = fmt.split(batch, tensors[0].device, need_target=True)
             loss = loss_fn(fmt.forward(model, x), y)
             if not torch.isfinite(loss):

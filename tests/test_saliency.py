@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnnconvert
+from bnnconvert.curvature import diagonal_ggn, fit_prior_precision, likelihood_of_task
 from bnnconvert.layers import convertible_parameters
 from bnnconvert.saliency import Saliency, compute_saliency
 
@@ -88,6 +89,37 @@ def test_multilabel_default_loss():
     ref = copy.deepcopy(model)
     F.binary_cross_entropy_with_logits(ref(x), y).backward()
     torch.testing.assert_close(sal.scores["1.weight"], ref[1].weight.grad ** 2)
+
+
+class _MultilabelSet(torch.utils.data.TensorDataset):
+    """A data set that declares its task, as ``bnnconvert.data_task`` reads it."""
+
+    task = "multilabel"
+
+
+def _laplace_variances(model, batches, task):
+    """Independent reference: 1 / (H + lambda) from the curvature of an explicit task."""
+    h = diagonal_ggn(model, batches, likelihood=likelihood_of_task(task)).diagonal
+    lam = fit_prior_precision(
+        torch.cat([v.reshape(-1) for v in h.values()]),
+        torch.cat([model.get_parameter(n).detach().reshape(-1) for n in h]),
+    )
+    return {n: 1.0 / (v.double() + lam) for n, v in h.items()}
+
+
+def test_variance_num_batches_keeps_the_data_task():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    x, y = torch.randn(16, 6), torch.randint(0, 2, (16, 4)).float()
+    loader = torch.utils.data.DataLoader(_MultilabelSet(x, y), batch_size=8)
+    sal = compute_saliency(model, loader, criterion="variance", num_batches=1)
+    assert sal.meta["num_samples"] == 8
+    first = [(x[:8], y[:8])]
+    multilabel = _laplace_variances(model, first, "multilabel")
+    multiclass = _laplace_variances(model, first, "multiclass")
+    for name, score in sal.scores.items():
+        torch.testing.assert_close(score.double(), multilabel[name], rtol=1e-5, atol=0)
+        assert not torch.allclose(score.double(), multiclass[name], rtol=1e-3), name
 
 
 @pytest.mark.parametrize("r", [0.001, 0.01, 0.2, 1.0])
