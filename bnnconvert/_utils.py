@@ -17,6 +17,8 @@ import math
 import numbers
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ __all__ = [
     "resolve_device",
     "resolve_factory",
     "split_batch",
+    "staged_folder",
     "tuple_batches",
 ]
 
@@ -124,6 +127,42 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, all_ranks: bool 
 def atomic_torch_save(obj: object, path: str | os.PathLike, *, all_ranks: bool = False) -> None:
     """``torch.save`` atomically; rank 0 only under torch.distributed."""
     _atomic_write(path, lambda tmp: torch.save(obj, tmp), all_ranks)
+
+
+@contextmanager
+def staged_folder(folder: str | os.PathLike, last: Iterable[str] = ()) -> Iterator[Path]:
+    """A temporary sibling of ``folder`` (``.<name>.partial-<random>``) to write a run's
+    files into, so that a run that fails leaves no half-written folder.
+
+    When the block ends without an exception the staged files move into ``folder``: a
+    missing ``folder`` is the staged one renamed (one atomic step); into an existing one
+    each file replaces the file of its name (other files stay), the top-level entries
+    named in ``last`` after the others. When the block raises, the staged folder is
+    removed and ``folder`` is left as it was. Needs write permission on ``folder``'s
+    parent; a killed process leaves the hidden sibling behind.
+    """
+    folder = Path(folder)
+    staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:12]}")
+    staging.mkdir()
+    try:
+        yield staging
+        if folder.exists():
+            _move_into(staging, folder, frozenset(last))
+        else:
+            os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(source: Path, target: Path, last: frozenset[str] = frozenset()) -> None:
+    """Move the entries of ``source`` into the folder ``target``: files replace files of
+    their name, folders merge into folders of their name; the names in ``last`` last."""
+    for entry in sorted(source.iterdir(), key=lambda p: p.name in last):
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir():
+            _move_into(entry, destination)
+        else:
+            os.replace(entry, destination)
 
 
 def check_payload(payload: Any, fmt: str, version: int, source: object, wrong: str) -> Mapping:

@@ -33,14 +33,15 @@ Columns of ``cases.csv`` (segmentation: each per-pixel value averaged over the p
   foreground Dice of the case, :func:`bnnconvert.metrics.dice`) for segmentation;
 - segmentation: ``maps``, the case's folder relative to the output folder.
 
-The files are written atomically (:mod:`bnnconvert._utils`); a run that fails leaves the
-cases written so far and no ``run.json``. The PNG overlays need matplotlib (the ``plots``
-extra) and the NIfTI maps nibabel (the ``nifti`` extra): without them those files are
-skipped with a warning. :mod:`bnnconvert.data` reads no NIfTI file itself: NIfTI maps are
-written when a dataset read in order names its inputs in ``image_paths`` (as
-:class:`~bnnconvert.datasets.SegmentationFolderDataset` does) and a case's path ends in
-``.nii`` or ``.nii.gz``; its affine and header are copied and the maps' spatial axes are
-taken to be the file's voxel axes.
+The files are written into a hidden sibling folder that is moved into place when the run
+completes (:func:`bnnconvert._utils.staged_folder`): a run that fails leaves the output
+folder as it was (missing, empty, or an earlier run's files with ``overwrite``). The PNG
+overlays need matplotlib (the ``plots`` extra) and the NIfTI maps nibabel (the ``nifti``
+extra): without them those files are skipped with a warning. :mod:`bnnconvert.data` reads
+no NIfTI file itself: NIfTI maps are written when a dataset read in order names its inputs
+in ``image_paths`` (as :class:`~bnnconvert.datasets.SegmentationFolderDataset` does) and a
+case's path ends in ``.nii`` or ``.nii.gz``; its affine and header are copied and the
+maps' spatial axes are taken to be the file's voxel axes.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import re
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ from ._utils import (
     check_positive_int,
     model_device,
     split_batch,
+    staged_folder,
 )
 from ._version import __version__
 from .losses import TASKS, data_task
@@ -564,7 +566,8 @@ def predict_cases(
             Read in order (a SequentialSampler), its dataset's ``ids`` name the cases and
             its ``image_paths`` give the NIfTI reference of each case.
         out_dir: the output folder; created if missing. It must be empty unless
-            ``overwrite``.
+            ``overwrite``. It is filled only when the run completes: a run that raises
+            leaves it as it was.
         samples: S, the posterior samples per case (None: the S the model was calibrated
             with, else 5).
         task: "multiclass", "multilabel" or "segmentation"; default the data's
@@ -579,8 +582,8 @@ def predict_cases(
             predictive entropy in ``flagged.csv`` (referral; ties by index).
         keep_samples: also write the per-sample probabilities (``samples`` in
             ``cases.npz``; ``samples.npy`` per segmentation case).
-        overwrite: replace the files of an earlier run in ``out_dir`` (only the layout's
-            file names are removed; other files stay).
+        overwrite: replace the files of an earlier run in ``out_dir`` once this run
+            completes (only the layout's file names are removed; other files stay).
         progress: a tqdm bar over the batches.
         batch_format: how to read mapping batches and structured outputs
             (:class:`bnnconvert._utils.BatchFormat`); no PNG overlay is drawn for keyword
@@ -596,29 +599,34 @@ def predict_cases(
     task = task or data_task(data)
     activation = activation or ("sigmoid" if task == "multilabel" else "softmax")
     folder = check_cases_folder(out_dir, overwrite)
-    if overwrite and folder.is_dir():
-        _clear_previous(folder)
-    writer = _Writer(
-        folder,
-        task,
-        activation,
-        ids=_in_order(data, "ids"),
-        sources=_in_order(data, "image_paths"),
-    )
+    ids, sources = _in_order(data, "ids"), _in_order(data, "image_paths")
     total = len(data) if hasattr(data, "__len__") else None
-    with _seeded(seed, model):
-        for batch in tqdm(data, desc="predict", unit="batch", total=total, disable=not progress):
-            x, _ = split_batch(batch, batch_format=batch_format)
-            (prediction,) = predict_batches(
-                model,
-                [batch],
-                samples,
-                activation=activation,
-                keep_samples=keep_samples,
-                device=device,
-                output_device="cpu",
-                progress=False,
-                batch_format=batch_format,
-            )
-            writer.add(x, prediction)
-    return writer.finish(flag_top, samples, seed)
+    with staged_folder(folder, last=[MANIFEST]) as staging:
+        writer = _Writer(staging, task, activation, ids=ids, sources=sources)
+        with _seeded(seed, model):
+            for batch in tqdm(
+                data, desc="predict", unit="batch", total=total, disable=not progress
+            ):
+                x, _ = split_batch(batch, batch_format=batch_format)
+                (prediction,) = predict_batches(
+                    model,
+                    [batch],
+                    samples,
+                    activation=activation,
+                    keep_samples=keep_samples,
+                    device=device,
+                    output_device="cpu",
+                    progress=False,
+                    batch_format=batch_format,
+                )
+                writer.add(x, prediction)
+        report = writer.finish(flag_top, samples, seed)
+        if overwrite and folder.is_dir():
+            _clear_previous(folder)  # the earlier run's files go once this run is complete
+    return _moved(report, staging, folder)
+
+
+def _moved(report: CaseReport, staging: Path, folder: Path) -> CaseReport:
+    """``report`` with the paths of the staged files replaced by their final ones."""
+    files = [folder / path.relative_to(staging) for path in report.files]
+    return replace(report, folder=folder, files=files)

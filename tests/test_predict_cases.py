@@ -189,6 +189,65 @@ def test_a_folder_with_files_is_refused_unless_overwrite(ws, tmp_path):
     assert json.loads((out / "run.json").read_text())["flag_top"] is None
 
 
+class _FailsAfterFirstBatch(nn.Module):
+    """A model whose forward raises on any batch that does not start with the first image
+    it saw: the fit check and the first predicted batch pass, the second batch fails."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.first: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            self.first = x[0].detach().clone()
+        elif not torch.equal(x[0], self.first):
+            raise RuntimeError("simulated failure on a later batch")
+        return self.net(x)
+
+
+def fails_after_first_batch(num_classes: int = 10) -> nn.Module:
+    """A factory for ``--arch tests.test_predict_cases:fails_after_first_batch``."""
+    return _FailsAfterFirstBatch(small_cnn(num_classes=num_classes))
+
+
+def test_a_run_that_fails_midway_leaves_no_output(tmp_path):
+    torch.manual_seed(0)
+    torch.save(fails_after_first_batch().state_dict(), tmp_path / "net.pt")
+    out = tmp_path / "cases"
+    arch = ["--arch", "tests.test_predict_cases:fails_after_first_batch"]
+    args = ["--data", "demo:digits", "-o", out, "--batch-size", 100, "--samples", 2]
+    result = _cli("predict", tmp_path / "net.pt", *arch, *args)
+    assert result.exit_code == 1, result.output
+    assert "simulated failure on a later batch" in result.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]  # no staging folder left
+
+
+def test_a_failed_overwrite_keeps_the_earlier_run(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Conv2d(1, 2, 3, padding=1)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(2, 1, 8, 8, generator=g), torch.randint(0, 2, (2, 8, 8), generator=g))
+        for _ in range(3)
+    ]
+    out = tmp_path / "out"
+    predict_cases(net, batches, out, samples=1)
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    failing = _FailsAfterFirstBatch(net)
+    failing(batches[0][0])  # it remembers the first batch (as the CLI's fit check does)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        predict_cases(failing, batches, out, samples=1, overwrite=True)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    report = predict_cases(net, batches[:2], out, samples=1, overwrite=True)
+    assert report.folder == out and all(p.is_file() for p in report.files)
+    assert sorted(p.name for p in (out / "cases").iterdir()) == ["0", "1", "2", "3"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
