@@ -3,6 +3,7 @@ everywhere, and one unit for r_bayes (a fraction, or a percentage with "%")."""
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -125,7 +126,8 @@ def test_cli_resolves_auto_once_and_refuses_a_bad_device(monkeypatch, tmp_path):
         ("5 %", "0.05"),
         ("0.1%", "0.001"),
         ("100%", "1"),
-        ("1", "1"),
+        ("1.0", "1"),
+        ("1.00", "1"),
         ("1e-2", "0.01"),
     ],
 )
@@ -149,6 +151,31 @@ def test_parse_r_bayes_rejects(text, message):
         parse_r_bayes(text)
 
 
+AMBIGUOUS = "is ambiguous: write 1% for one percent or 1.0 for every entry"
+
+
+@pytest.mark.parametrize("text", ["1", " 1 ", "01", "+1", "1."])
+def test_parse_r_bayes_refuses_an_integer_looking_one(text):
+    with pytest.raises(ValueError, match=re.escape(f"r_bayes {text.strip()} {AMBIGUOUS}")):
+        parse_r_bayes(text)
+
+
+def test_a_bare_one_is_refused_and_one_point_zero_means_every_entry(ws, tmp_path):
+    base = ["saliency", ws / "weights.pt", *ARCH, "--criterion", "magnitude"]
+    result = _invoke([*base, "--top", "1", "-o", tmp_path / "one.pt"])
+    assert result.exit_code == 2 and AMBIGUOUS in result.output, result.output
+    assert not (tmp_path / "one.pt").exists()
+    result = _invoke(["convert", ws / "weights.pt", *ARCH, "--r-bayes", "1", "-o", tmp_path / "b"])
+    assert result.exit_code == 2 and f"r_bayes 1 {AMBIGUOUS}" in result.output, result.output
+    assert not (tmp_path / "b").exists()
+    scored = convertible_parameters(resnet18(num_classes=10, in_channels=1)).values()
+    total = sum(p.numel() for p in scored)
+    for value, expected in (("1.0", total), ("100%", total), ("1%", round(0.01 * total))):
+        result = _invoke([*base, "--top", value, "-o", tmp_path / "sal.pt"])
+        assert result.exit_code == 0, result.output
+        assert f"({expected:,} entries) sit" in result.output, (value, result.output)
+
+
 def test_demo_takes_fractions_and_percentages(monkeypatch, tmp_path):
     seen = []
 
@@ -161,7 +188,8 @@ def test_demo_takes_fractions_and_percentages(monkeypatch, tmp_path):
         assert _invoke(["demo", "--r-bayes", value, "--out", tmp_path / "d"]).exit_code == 0
     assert seen == [(0.01, 0.05, 0.2)] * 3
     result = _invoke(["demo", "--r-bayes", "1,5,20", "--out", tmp_path / "d"])
-    assert result.exit_code == 2 and "write 5%" in result.output and not seen[3:]
+    assert result.exit_code == 2 and not seen[3:]
+    assert f"r_bayes 1 {AMBIGUOUS}" in result.output and "write 5%" in result.output
 
 
 def test_convert_one_percent_and_a_hundredth_give_the_same_masks(ws, tmp_path):

@@ -12,6 +12,7 @@ model (:func:`load_cli_model`), the loader (:func:`cli_loader`), the task and it
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
@@ -229,12 +230,17 @@ def check_batch_size(value: int) -> None:
         raise click.BadParameter(f"must be >= 1, got {value}", param_hint="--batch-size")
 
 
+_BARE_ONE = re.compile(r"\+?0*1\.?")
+"""A 1 written like an integer ("1", "01", "+1", "1."): 1 % or every entry?"""
+
+
 def parse_r_bayes(text: str) -> float:
     """An r_bayes written on the command line as a fraction ("0.01") or a percentage
     ("1%"), as the fraction in (0, 1]; "1%" and "0.01" give the same float.
 
-    Raises ValueError for anything else, and for a number above 1 written without "%"
-    (is "5" 5 % or 500 %?).
+    Raises ValueError for anything else, for a number above 1 written without "%" (is "5"
+    5 % or 500 %?), and for a 1 written like an integer ("1", "01", "1."): users who type
+    it nearly always mean 1 %; every entry is written "1.0" or "100%".
     """
     text = text.strip()
     percent = text.endswith("%")
@@ -246,6 +252,10 @@ def parse_r_bayes(text: str) -> float:
         raise ValueError(f"{text!r} is not a finite number")
     if number > 1 and not percent:
         raise ValueError(f"r_bayes {text} is above 1 (for {text} %, write {text}%)")
+    if not percent and _BARE_ONE.fullmatch(text):
+        raise ValueError(
+            f"r_bayes {text} is ambiguous: write 1% for one percent or 1.0 for every entry"
+        )
     r = float(number / 100 if percent else number)
     check_r_bayes(r)
     return r
@@ -264,12 +274,19 @@ class _RBayes(click.ParamType):
         if isinstance(value, (float, tuple)) or (self.auto and value == "auto"):
             return value
         texts = str(value).split(",") if self.many else [str(value)]
-        try:
-            values = tuple(parse_r_bayes(text) for text in texts)
-        except ValueError as exc:
+        values, errors = [], []
+        for text in texts:  # every bad value in one message
+            try:
+                values.append(parse_r_bayes(text))
+            except ValueError as exc:
+                errors.append(str(exc))
+        if errors:
             example = "e.g. 0.01,0.05 or 1%,5%" if self.many else "e.g. 0.01 or 1%"
-            self.fail(f"{exc}; pass a fraction in (0, 1] or a percentage, {example}", param, ctx)
-        return values if self.many else values[0]
+            problems = "; ".join(errors)
+            self.fail(
+                f"{problems}; pass a fraction in (0, 1] or a percentage, {example}", param, ctx
+            )
+        return tuple(values) if self.many else values[0]
 
 
 def r_bayes_type(auto: bool = False, many: bool = False) -> click.ParamType:
