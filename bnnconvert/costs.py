@@ -340,19 +340,24 @@ def flops_report_text(
     input_shape: Sequence[int] | str,
     device: str | torch.device | None = None,
     compare: bool = False,
-    samples: int = 1,
+    samples: int | None = None,
     convention: str = "fma",
 ) -> str:
     """The text of ``bnnconvert flops``: the per-module FLOP table of ``model`` on a random
     input of ``input_shape`` ("1,3,224,224" or a sequence of ints), and with ``compare``
-    the method comparison table (markdown). Raises ValueError for a bad shape or an
-    input the model rejects."""
+    the method comparison table (markdown). ``samples``: the Monte Carlo forwards of the
+    FLOP table and S_inf of the comparison's inference column (None: 1 forward, and the
+    comparison's default S = 5; its training columns keep S = 5). Raises ValueError for a
+    bad shape or an input the model rejects."""
     shape = parse_input_shape(input_shape)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     inputs = torch.randn(shape, dtype=dtype)
-    text = str(count_flops(model, inputs, samples=samples, device=device, convention=convention))
+    forwards = 1 if samples is None else samples
+    text = str(count_flops(model, inputs, samples=forwards, device=device, convention=convention))
     if compare:
-        table = compare_method_costs(model, inputs, device=device, convention=convention)
+        table = compare_method_costs(
+            model, inputs, inference_samples=samples, device=device, convention=convention
+        )
         text += "\n\nCost of each method, in multiples of the deterministic model:\n\n"
         text += str(table)
     return text

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
 
 from bnnconvert.cli import main
 from bnnconvert.costs import compare_method_costs
-from bnnconvert.flops import count_flops
+from bnnconvert.flops import count_flops, count_prediction_flops
 
 TINY = ["--arch", "torch.nn:Conv2d", "--arch-kwargs", "in_channels=3,out_channels=8,kernel_size=3"]
 
@@ -56,3 +58,51 @@ def test_bad_input_shape_is_one_line_and_non_zero(tmp_path):
     assert "Traceback" not in rejected.output
     malformed = CliRunner().invoke(main, ["flops", str(path), *TINY, "--input-shape", "1,a"])
     assert malformed.exit_code == 2 and "positive integers" in malformed.output
+
+
+def _stochastic_rows(model: nn.Module) -> dict[str, nn.Module]:
+    """The Bayesian rows of ``compare_method_costs`` (default r values, magnitude
+    saliency) and the models whose predictions they cost."""
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
+
+    from bnnconvert.convert import convert
+    from bnnconvert.costs import BAYESIAN_TORCH_PRIOR
+
+    rows = {f"partial r = {100 * r:g} %": convert(model, "magnitude", r) for r in (0.01, 0.05, 0.2)}
+    rows["Bayesian (bnnconvert, r = 100 %)"] = convert(model, "magnitude", 1.0)
+    foreign = copy.deepcopy(model)
+    dnn_to_bnn(foreign, BAYESIAN_TORCH_PRIOR)
+    rows["Bayesian (bayesian-torch dnn_to_bnn)"] = foreign
+    return rows
+
+
+def two_convs() -> nn.Module:
+    """Conv, ReLU, conv: bayesian-torch converts both convolutions (not a bare root)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+
+
+def test_compare_counts_predictions_of_the_given_samples(tmp_path):
+    """--samples N is S of the comparison's inference column: each stochastic row costs
+    count_prediction_flops(its model, x, N) over one deterministic forward."""
+    torch.manual_seed(0)
+    model = two_convs()
+    path = tmp_path / "convs.pt"
+    torch.save(model.state_dict(), path)
+    x = torch.randn(1, 3, 8, 8)
+    forward = count_flops(model, x).total
+    rows = _stochastic_rows(model)
+    arch = ["--arch", f"{__name__}:two_convs"]
+    args = ["flops", str(path), *arch, "--input-shape", "1,3,8,8", "--compare"]
+    for samples in (2, 7):
+        facts = json.loads(_run([*args, "--json", "--samples", str(samples)]).output)
+        multiples = facts["multiples_of_deterministic"]
+        for label, net in rows.items():
+            expected = count_prediction_flops(net, x, samples) / forward
+            assert multiples[label]["inference"] == pytest.approx(expected, rel=1e-12), label
+        assert multiples["deterministic"]["inference"] == 1.0
+        assert multiples["ensemble (M = 5)"]["inference"] == 5.0  # members, not samples
+        assert facts["samples"] == facts["inference_samples"] == samples
+        text = _run([*args, "--samples", str(samples)]).output
+        assert f"inference: S = {samples} forwards" in text
+    default = json.loads(_run([*args, "--json"]).output)  # the paper's S = 5 by default
+    assert default["samples"] == 1 and default["inference_samples"] == 5

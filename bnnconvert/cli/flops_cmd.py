@@ -43,7 +43,12 @@ Examples:
 )
 @device_option
 @click.option(
-    "--samples", default=1, show_default=True, type=int, help="Monte Carlo forward passes."
+    "--samples",
+    default=None,
+    show_default="1; the --compare inference column: 5",
+    type=int,
+    help="Monte Carlo forward passes of a prediction, also S of the inference column of "
+    "--compare (its training columns keep S = 5).",
 )
 @click.option(
     "--convention",
@@ -64,7 +69,7 @@ def flops(
     model: str,
     input_shape: tuple[int, ...],
     device: str,
-    samples: int,
+    samples: int | None,
     convention: str,
     compare: bool,
     as_json: bool,
@@ -78,10 +83,11 @@ def flops(
         return
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
     inputs = torch.randn(input_shape, dtype=dtype)
-    report = count_flops(net, inputs, samples=samples, device=device, convention=convention)
+    forwards = 1 if samples is None else samples
+    report = count_flops(net, inputs, samples=forwards, device=device, convention=convention)
     facts: dict[str, Any] = {
         "input_shape": list(input_shape),
-        "samples": samples,
+        "samples": forwards,
         "convention": convention,
         "total": report.total,
         "per_forward": report.per_forward,
@@ -91,6 +97,9 @@ def flops(
         "unsupported_ops": report.unsupported_ops,
     }
     if compare:
-        table = compare_method_costs(net, inputs, device=device, convention=convention)
+        table = compare_method_costs(
+            net, inputs, inference_samples=samples, device=device, convention=convention
+        )
+        facts["inference_samples"] = table.inference_samples
         facts["multiples_of_deterministic"] = table.multiples()
     click.echo(json.dumps(facts, indent=2))
