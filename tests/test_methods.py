@@ -462,6 +462,50 @@ def test_evaluate_methods_renders_the_table(seg_data):
     assert "OOD AUROC" in table and "| ensemble2 |" in table and "2.00x" in table
 
 
+class _KeywordCNN(nn.Module):
+    """A Hugging Face-like classifier: ``model(pixel_values=x)`` -> logits (N, C)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values)
+
+
+@pytest.mark.parametrize(
+    ("keys", "fmt"),
+    [
+        (("image", "label"), bnnconvert.BatchFormat("image", "label")),  # MONAI-like
+        (("pixel_values", "labels"), bnnconvert.BatchFormat(["pixel_values"], "labels")),
+    ],
+)
+def test_evaluate_methods_costs_mapping_batches_as_tuples(keys, fmt):
+    """The reference cost (and every row) of mapping batches read by a BatchFormat equals
+    that of the same data as (input, target) tuples."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(16, 3),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    tuples = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g))
+              for _ in range(3)]  # fmt: skip
+    mappings = [dict(zip(keys, batch)) for batch in tuples]
+    model = _KeywordCNN(copy.deepcopy(net)) if fmt.keywords else copy.deepcopy(net)
+    common = {"task": "multiclass", "methods": "deterministic,ensemble2,partial5", "epochs": 1,
+              "samples": 2, "seed": 0}  # fmt: skip
+    expected = evaluate_methods(net, tuples, tuples, **common)
+    rows = evaluate_methods(model, mappings, mappings, train_kwargs={"batch_format": fmt}, **common)
+    costs = ("train_flops", "train_flops_x", "inference_flops", "inference_flops_x",
+             "parameters", "parameters_x")  # fmt: skip
+    for row, ref in zip(rows, expected, strict=True):
+        assert row["method"] == ref["method"]
+        assert {k: row[k] for k in costs} == {k: ref[k] for k in costs}
+        assert row["nll"] == pytest.approx(ref["nll"], rel=1e-5)  # same fit, same data
+    assert expected[0]["train_flops_x"] == 1.0 and expected[1]["inference_flops_x"] == 2.0
+
+
 def test_entropy_auroc_matches_scikit_learn():
     from sklearn.metrics import roc_auc_score
 

@@ -59,7 +59,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._utils import atomic_write_bytes, check_output_folder, json_safe, split_batch
+from .._utils import (
+    BatchFormat,
+    atomic_write_bytes,
+    check_output_folder,
+    json_safe,
+    split_batch,
+)
 from ..flops import count_flops, training_cost
 from ..metrics import entropy_auroc, evaluate
 from ..plots import r_bayes_sweep
@@ -126,8 +132,10 @@ def evaluate_methods(
             one (then step 1 trains it for ``pretrain_epochs`` epochs with ``seed``).
         train_data: (input, target) batches, e.g. :func:`bnnconvert.data.make_loader`
             (its generator is reseeded with ``seed`` by every fit, so each method sees
-            the same data order).
-        test_data: (input, target) batches for the metrics.
+            the same data order), or mapping batches read by the
+            :class:`~bnnconvert.BatchFormat` of ``train_kwargs["batch_format"]`` (the
+            fits, predictions and FLOP counts all read the data with it).
+        test_data: batches for the metrics, read like ``train_data``.
         task: "multiclass", "multilabel" or "segmentation".
         methods: names for :func:`~bnnconvert.methods.get_method`, a list or a
             comma-separated string ("deterministic,ensemble5,partial1").
@@ -145,7 +153,7 @@ def evaluate_methods(
         settings: how every fit trains (:class:`~bnnconvert.training.TrainSettings`;
             the variational methods use their own beta and S).
         train_kwargs: other keyword arguments of every fit (``class_weights``,
-            ``device``, ...; see :meth:`Method.fit`).
+            ``device``, ``batch_format``, ...; see :meth:`Method.fit`).
         flops: count the FLOPs with fvcore (False saves the time of tracing).
         progress: a progress bar over the methods (tqdm).
 
@@ -162,7 +170,10 @@ def evaluate_methods(
     pretrain_epochs = epochs if pretrain_epochs is None else pretrain_epochs
     train_kwargs = dict(train_kwargs or {})
     trained = _step_one(model, train_data, task, pretrain_epochs, seed, settings, train_kwargs)
-    reference = _reference_cost(trained, train_data, epochs, pretrain_epochs) if flops else None
+    fmt = train_kwargs.get("batch_format")
+    reference = (
+        _reference_cost(trained, train_data, epochs, pretrain_epochs, fmt) if flops else None
+    )
     data = (train_data, test_data, ood_data, val_data)
     setup = _Setup(*data, epochs, pretrain_epochs, seed, settings, train_kwargs, reference)
     rows = []
@@ -244,14 +255,22 @@ def _note(method: Method, ensemble: bool) -> str:
     return ""
 
 
-def _reference_cost(model: nn.Module, data: Iterable, epochs: int, pretrain: int) -> dict:
-    """The deterministic pipeline's cost: one batch, its forward, step and epochs."""
-    x, _ = split_batch(next(iter(data)))
+def _reference_cost(
+    model: nn.Module,
+    data: Iterable,
+    epochs: int,
+    pretrain: int,
+    batch_format: BatchFormat | None = None,
+) -> dict[str, Any]:
+    """The deterministic pipeline's cost: the inputs of the first batch of ``data`` (read
+    by ``batch_format``: x (N, ...) or keyword inputs), one forward, the pretraining and
+    the whole pipeline (steps x epochs), and the parameters."""
+    x, _ = split_batch(next(iter(data)), batch_format=batch_format)
     steps = len(data) if hasattr(data, "__len__") else 1
-    step = training_cost(model, x).per_step
+    step = training_cost(model, x, batch_format=batch_format).per_step
     return {
         "inputs": x,
-        "forward": count_flops(model, x).total,
+        "forward": count_flops(model, x, batch_format=batch_format).total,
         "pretrain": pretrain * steps * step,
         "total": (pretrain + epochs) * steps * step,
         "parameters": sum(p.numel() for p in model.parameters()),
