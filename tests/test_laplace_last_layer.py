@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from click.testing import CliRunner
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bnnconvert import BatchFormat
 from bnnconvert.cli import main
 from bnnconvert.methods import Deterministic, LaplaceLastLayer, evaluate_methods, get_method
 from bnnconvert.methods.registry import check_method_names
@@ -164,6 +166,63 @@ def test_comparison_rows_and_costs(trained, flat_loader):
     assert diag["parameters"] == det["parameters"] + 16 * CLASSES + CLASSES
     assert kron["parameters"] > det["parameters"]
     assert kron["note"].startswith("kron Hessian, glm/probit predictive")
+
+
+# ------------------------------------------------------------------ mapping batches
+@dataclass
+class _Output:
+    """What a Hugging Face classifier returns (a ModelOutput): the logits and more."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class _KeywordMLP(nn.Module):
+    """A Hugging Face-like classifier: ``model(features=x).logits``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor) -> _Output:
+        return _Output(logits=self.net(features), hidden=features.mean())
+
+
+MAPPINGS = {
+    "positional": (("image", "label"), BatchFormat("image", "label")),
+    "keywords": (("features", "labels"), BatchFormat(["features"], "labels")),
+}
+
+
+@needs_laplace
+@pytest.mark.parametrize("kind", list(MAPPINGS))
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"hessian_structure": "diag", "link_approx": "mc", "pred_type": "nn"}],
+    ids=["kron-probit", "diag-nn-mc"],
+)
+def test_mapping_batches_give_the_predictions_of_tuple_batches(trained, data, kind, options):
+    """Dict batches read by a BatchFormat (one positional key; or keyword inputs with a
+    dataclass output) fit and predict as the same data in (input, target) tuples."""
+    keys, fmt = MAPPINGS[kind]
+    x, y = data
+    tuples = [(x[i : i + 16], y[i : i + 16]) for i in range(0, len(x), 16)]
+    mappings = [dict(zip(keys, batch)) for batch in tuples]
+    model = _KeywordMLP(copy.deepcopy(trained)) if fmt.keywords else trained
+    expected = LaplaceLastLayer(trained, task="multiclass", **options).fit(tuples, epochs=0)
+    method = LaplaceLastLayer(model, task="multiclass", **options)
+    method.fit(mappings, epochs=0, batch_format=fmt)
+    torch.manual_seed(3)
+    reference = expected.predict(tuples, samples=4)
+    torch.manual_seed(3)
+    prediction = method.predict(mappings, samples=4)
+    torch.testing.assert_close(prediction.samples, reference.samples)
+    torch.testing.assert_close(prediction.targets, y)
+    assert method.prior_precision == pytest.approx(expected.prior_precision, rel=1e-6)
+    assert method.hessian_batches == expected.hessian_batches == len(tuples)
+    assert method.num_parameters() == expected.num_parameters()
+    inputs = {"features": x[:16]} if fmt.keywords else x[:16]
+    assert method.flops(inputs) == expected.flops(x[:16])
 
 
 # ------------------------------------------------------------------ errors

@@ -11,20 +11,38 @@ Applied post hoc to a trained checkpoint, it is a fit without training::
 
     method = LaplaceLastLayer(trained_model).fit(train_loader, epochs=0)
     prediction = method.predict(test_loader)
+
+Mapping batches and structured outputs are read by the fit's ``batch_format`` (a
+:class:`~bnnconvert.BatchFormat`) as by every other method: laplace-torch sees the network
+through :class:`_LogitsNet` (inputs -> the logits tensor), and keyword inputs reach it as
+a mapping (its Hugging Face path, ``dict_key_x``/``dict_key_y``)::
+
+    fmt = BatchFormat(input_key=["pixel_values"], target_key="labels")
+    method = LaplaceLastLayer(hf_model).fit(dict_loader, epochs=0, batch_format=fmt)
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .._utils import BatchFormat, check_positive_int, model_device, split_batch
+from .._utils import (
+    BatchFormat,
+    Inputs,
+    as_batch_format,
+    batch_length,
+    call_model,
+    check_positive_int,
+    model_device,
+    move_inputs,
+    split_batch,
+)
 from .base import FitRun, Method, model_flops
 
 __all__ = ["HESSIAN_STRUCTURES", "LINK_APPROXIMATIONS", "PRED_TYPES", "LaplaceLastLayer"]
@@ -42,6 +60,8 @@ predictive only) or Monte Carlo samples ("mc")."""
 
 _ALTERNATIVES = "'temperature', 'mc_dropout', 'ensembleM', 'last_layer' or 'partialP'"
 _INSTALL = 'pip install "bnnconvert[compare]"'
+_TARGET = "_bnnconvert_target"
+"""The key of the target in the keyword-input batches handed to laplace-torch."""
 
 
 class LaplaceLastLayer(Method):
@@ -62,8 +82,8 @@ class LaplaceLastLayer(Method):
     whose mean is ``la(x, pred_type, link_approx="mc", n_samples=S)``.
 
     Args:
-        model: a classifier whose output (N, C) is the output of its last
-            ``nn.Linear`` layer; deep-copied.
+        model: a classifier whose logits (N, C) (its output, read by the fit's
+            ``batch_format``) are the output of its last ``nn.Linear`` layer; deep-copied.
         task: "multiclass" (or None: the data's task, else "multiclass"); other tasks
             raise ValueError.
         samples: S, the Monte Carlo samples of the "mc" predictive (ignored otherwise).
@@ -141,16 +161,6 @@ class LaplaceLastLayer(Method):
             )
         _laplace_factory()
 
-    def validate_fit(self, run: FitRun) -> None:
-        """ValueError for keyword inputs or an ``output_fn``: laplace-torch calls the
-        model on one input tensor and reads its output tensor."""
-        fmt = self.batch_format
-        if fmt is not None and (fmt.keywords or fmt.output_fn is not None):
-            raise ValueError(
-                "last-layer Laplace (laplace-torch) calls the model on one input tensor and "
-                "needs a tensor output: pass input_key=one key (not a list) and no output_fn"
-            )
-
     def train_model(self, run: FitRun) -> None:
         """NLL training for ``run.epochs`` epochs, then the Laplace fit and its prior."""
         self.model = self._fresh()
@@ -158,14 +168,16 @@ class LaplaceLastLayer(Method):
         self._train(self.model, run)
         start = time.perf_counter()
         self.laplace = self._fit_laplace(self.model, run.train_data)
-        self.model = self.laplace.model.model  # the trained network laplace-torch holds
+        self.model = self.laplace.model.model.net  # the trained network laplace-torch holds
         self.laplace_seconds = time.perf_counter() - start
 
-    def outputs(self, x: Tensor, samples: int) -> Tensor:
-        """Log predictive probabilities on one batch x (N, ...): (1, N, C) for a
-        closed-form link, (S, N, C) predictive samples for ``link_approx="mc"``."""
+    def outputs(self, x: Inputs, samples: int) -> Tensor:
+        """Log predictive probabilities on one batch x (N, ...) (or keyword inputs
+        {key: (N, ...)}): (1, N, C) for a closed-form link, (S, N, C) predictive samples
+        for ``link_approx="mc"``."""
         if self.laplace is None:
             raise RuntimeError(f"{self.name}: call fit(train_data, epochs=...) before predict")
+        x = _KeywordInputs(x) if isinstance(x, Mapping) else x
         if self.link_approx == "mc":
             probs = self.laplace.predictive_samples(x, pred_type=self.pred_type, n_samples=samples)
         else:
@@ -178,13 +190,18 @@ class LaplaceLastLayer(Method):
         extra = 0 if self.laplace is None else _tensor_entries(self.laplace.posterior_precision)
         return super().num_parameters() + extra
 
-    def flops(self, inputs: Tensor | Sequence[Tensor]) -> dict[str, int]:
+    def flops(self, inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor]) -> dict[str, int]:
         """As :meth:`Method.flops`, with "inference" one forward (the features are
         computed once; the last-layer predictive, covariance products or S samples of
         the last layer, is not counted) and "train_run" plus one forward per batch of
         the Hessian pass."""
         cost = model_flops(
-            self.model, inputs, inference_samples=1, train_samples=1, steps=self.train_steps
+            self.model,
+            inputs,
+            inference_samples=1,
+            train_samples=1,
+            steps=self.train_steps,
+            batch_format=self.batch_format,
         )
         cost["train_run"] += self.hessian_batches * cost["forward"]
         return cost
@@ -192,14 +209,16 @@ class LaplaceLastLayer(Method):
     def _fit_laplace(self, model: nn.Module, data: Iterable) -> Any:
         """laplace-torch's last-layer Laplace of ``model`` fitted on ``data``, with the
         marginal-likelihood prior precision."""
+        fmt = as_batch_format(self.batch_format)
         la = _laplace_factory()(
-            model,
+            _LogitsNet(model, fmt),
             "classification",
             subset_of_weights="last_layer",
             hessian_structure=self.hessian_structure,
-            last_layer_name=self.last_layer,
+            last_layer_name=None if self.last_layer is None else f"net.{self.last_layer}",
+            **_dict_keys(fmt),
         )
-        batches = _LaplaceBatches(data, self.batch_format)
+        batches = _LaplaceBatches(data, fmt, model_device(model))
         self.hessian_batches = batches.num_batches
         try:
             la.fit(batches)
@@ -211,7 +230,7 @@ class LaplaceLastLayer(Method):
                     "name of the output layer> if another module runs after it"
                 ) from exc
             raise
-        _check_last_layer_output(la, next(iter(batches))[0])
+        _check_last_layer_output(la, _batch_inputs(next(iter(batches))))
         with warnings.catch_warnings():  # laplace-torch's reminder to pass link_approx
             warnings.filterwarnings("ignore", message="By default `link_approx`")
             la.optimize_prior_precision(
@@ -225,30 +244,80 @@ class LaplaceLastLayer(Method):
         return la
 
 
-class _LaplaceBatches:
-    """The (input (N, ...), class index (N,)) batches of ``data`` (read by ``fmt``) and a
-    ``dataset`` of its size: what laplace-torch's ``fit`` reads from a DataLoader."""
+class _LogitsNet(nn.Module):
+    """The user's network as laplace-torch calls it: one input tensor (N, ...), or keyword
+    inputs {key: (N, ...)} (other entries, such as the target, ignored) -> the logits
+    (N, C), read from its output by ``fmt``."""
 
-    def __init__(self, data: Iterable, fmt: BatchFormat | None = None) -> None:
+    def __init__(self, net: nn.Module, fmt: BatchFormat) -> None:
+        super().__init__()
+        self.net = net
+        self.fmt = fmt
+
+    def forward(self, inputs: Inputs) -> Tensor:
+        """Logits (N, C) of ``net`` on ``inputs`` (a tensor (N, ...) or a mapping)."""
+        if isinstance(inputs, Mapping):
+            inputs = {key: inputs[key] for key in self.fmt.input_key}
+        return self.fmt.output(call_model(self.net, inputs))
+
+
+class _KeywordInputs(dict):
+    """Keyword inputs {key: (N, ...)} as laplace-torch takes them: a mapping (its Hugging
+    Face path) that also moves like a tensor (its "nn" predictive calls ``X.to(device)``)."""
+
+    def to(self, device: torch.device | str) -> _KeywordInputs:
+        """The same inputs on ``device``."""
+        return _KeywordInputs(move_inputs(self, device))
+
+
+def _dict_keys(fmt: BatchFormat) -> dict[str, str]:
+    """laplace-torch's keys of mapping batches: the first keyword input (its batch size)
+    and the target entry :class:`_LaplaceBatches` adds; none for tensor inputs."""
+    return {"dict_key_x": fmt.input_key[0], "dict_key_y": _TARGET} if fmt.keywords else {}
+
+
+def _batch_inputs(batch: tuple[Tensor, Tensor] | _KeywordInputs) -> Inputs:
+    """The inputs of a batch of :class:`_LaplaceBatches`: x (N, ...) or the mapping."""
+    return batch if isinstance(batch, Mapping) else batch[0]
+
+
+class _LaplaceBatches:
+    """The batches of ``data`` (read by ``fmt``) as laplace-torch's ``fit`` reads them
+    from a DataLoader, with a ``dataset`` of its size: (input (N, ...), class index (N,)),
+    or for keyword inputs one mapping {key: (N, ...), target key: (N,)} on ``device``."""
+
+    def __init__(
+        self, data: Iterable, fmt: BatchFormat, device: torch.device | None = None
+    ) -> None:
         self.data = data
         self.fmt = fmt
+        self.device = device or torch.device("cpu")
         examples, self.num_batches = _data_size(data, fmt)
         self.dataset = range(examples)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor] | _KeywordInputs]:
         for batch in self.data:
             x, y = split_batch(batch, need_target=True, batch_format=self.fmt)
-            if y.dim() == 2 and y.shape[1] == 1:
-                y = y[:, 0]
-            if y.dim() != 1 or y.is_floating_point():
-                raise ValueError(
-                    f"last-layer Laplace needs class-index targets (N,) or (N, 1), got "
-                    f"{tuple(y.shape)} ({y.dtype}); pass a multi-class data set"
-                )
-            yield x, y.long()
+            y = _class_indices(y)
+            if isinstance(x, Mapping):
+                yield _KeywordInputs({**move_inputs(x, self.device), _TARGET: y})
+            else:
+                yield x, y
 
 
-def _data_size(data: Iterable, fmt: BatchFormat | None = None) -> tuple[int, int]:
+def _class_indices(y: Tensor) -> Tensor:
+    """Targets (N,) or (N, 1) as class indices (N,) (long); ValueError otherwise."""
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.dim() != 1 or y.is_floating_point():
+        raise ValueError(
+            f"last-layer Laplace needs class-index targets (N,) or (N, 1), got "
+            f"{tuple(y.shape)} ({y.dtype}); pass a multi-class data set"
+        )
+    return y.long()
+
+
+def _data_size(data: Iterable, fmt: BatchFormat) -> tuple[int, int]:
     """(examples, batches) of one pass over ``data`` (read from a sized DataLoader,
     else counted by a pass)."""
     if isinstance(data, DataLoader) and data.batch_size is not None:
@@ -258,25 +327,34 @@ def _data_size(data: Iterable, fmt: BatchFormat | None = None) -> tuple[int, int
             return examples, batches
         except TypeError:  # an iterable dataset without a length
             pass
-    sizes = [len(split_batch(batch, batch_format=fmt)[0]) for batch in data]
+    sizes = [batch_length(split_batch(batch, batch_format=fmt)[0]) for batch in data]
     return sum(sizes), len(sizes)
 
 
-def _check_last_layer_output(la: Any, x: Tensor) -> None:
-    """ValueError unless the model's output is its last Linear layer's output (what
-    the last-layer Jacobians of laplace-torch assume), checked on a few inputs x."""
-    net, last = la.model.model, la.model.last_layer
+def _check_last_layer_output(la: Any, x: Inputs) -> None:
+    """ValueError unless the model's logits are its last Linear layer's output (what the
+    last-layer Jacobians of laplace-torch assume), checked on a few inputs x (N, ...) or
+    keyword inputs."""
+    wrapper, last = la.model.model, la.model.last_layer
+    x = _first_rows(x, 8)
     with torch.no_grad():
-        out, features = la.model.forward_with_features(x[:8].to(model_device(net)))
+        out, features = la.model.forward_with_features(x.to(model_device(wrapper)))
         expected = last(features)
     if out.shape != expected.shape or not torch.allclose(out, expected, rtol=1e-4, atol=1e-5):
-        name = next(n for n, m in net.named_modules() if m is last)
+        name = next(n for n, m in wrapper.net.named_modules() if m is last)
         raise ValueError(
             f"the model's output is not the output of its last Linear layer {name!r}, "
             "which last-layer Laplace assumes; pass "
             "last_layer=<the name of the output layer>, or remove what the forward applies "
             "after it (e.g. a log_softmax)"
         )
+
+
+def _first_rows(x: Inputs, n: int) -> Tensor | _KeywordInputs:
+    """The first ``n`` rows of x (N, ...) or of every entry of keyword inputs."""
+    if isinstance(x, Mapping):
+        return _KeywordInputs({key: value[:n] for key, value in x.items()})
+    return x[:n]
 
 
 def _tensor_entries(value: Any) -> int:
