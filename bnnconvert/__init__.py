@@ -7,7 +7,7 @@ uncertainty.
 """
 
 from ._version import __version__ as __version__
-from .calibration import Calibration, calibrate_posterior
+from .calibration import Calibration, calibrate_posterior, synthetic_outliers
 from .cases import CaseReport, predict_cases
 from .convert import BayesSummary, bayes_summary, convert, last_layer_masks, to_deterministic
 from .costs import ComparisonTable, compare_method_costs, compare_methods
@@ -54,6 +54,7 @@ __all__ = [
     "predict_cases",
     "save",
     "select_r_bayes",
+    "synthetic_outliers",
     "to_deterministic",
     "training_cost",
 ]

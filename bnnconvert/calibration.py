@@ -7,6 +7,12 @@ Bayesian layer (``bayes_scale``, :func:`bnnconvert.layers.set_sigma_scale`), T i
 ``model.bnnconvert_info["temperature"]`` (applied by :func:`bnnconvert.predict`); both are
 saved and loaded with the model. :func:`fit_temperature` is also the temperature scaling
 of the deterministic baseline (one sample).
+
+With ``outliers`` (inputs that are not of the task, e.g. :func:`synthetic_outliers` made
+from the validation inputs), :func:`calibrate_posterior` chooses t for out-of-distribution
+detection instead: among the scales whose validation NLL is no worse than the model's at
+its means (temperature scaling), the one whose predictive entropy best separates the
+validation inputs from the outliers.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +40,7 @@ from ._utils import (
 from .convert import INFO_ATTR
 from .layers import bayesian_layers, set_sigma_scale
 from .losses import data_task
+from .metrics import auc, entropy_of_expectation
 from .sampling import mc_outputs
 
 __all__ = [
@@ -45,6 +52,7 @@ __all__ = [
     "fit_temperature",
     "predictive_nll",
     "set_temperature",
+    "synthetic_outliers",
 ]
 
 MAX_TEMPERATURE = 100.0
@@ -77,6 +85,9 @@ class Calibration:
         curve: [(t, T fitted at t, validation NLL)] for every t tried, by t.
         samples: S posterior samples per prediction.
         seconds: wall time.
+        outlier_auroc: {t: AUROC of the predictive entropy, validation inputs against the
+            outliers} for every t tried, when ``calibrate_posterior`` was given outliers
+            (the objective "outliers"); empty otherwise (the objective "nll").
     """
 
     scale: float
@@ -85,12 +96,21 @@ class Calibration:
     curve: list[tuple[float, float, float]]
     samples: int
     seconds: float = math.nan
+    outlier_auroc: dict[float, float] = field(default_factory=dict)
+
+    @property
+    def objective(self) -> str:
+        """ "outliers" if t was chosen for separating outliers, else "nll"."""
+        return "outliers" if self.outlier_auroc else "nll"
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"scale t = {self.scale:.4g}, temperature T = {self.temperature:.4g}, validation "
             f"NLL {self.nll:.4f} ({len(self.curve)} scales tried, S = {self.samples})"
         )
+        if self.outlier_auroc:
+            text += f", outlier AUROC {self.outlier_auroc[self.scale]:.4f}"
+        return text
 
 
 def predictive_nll(
@@ -180,6 +200,7 @@ def calibrate_posterior(
     device: str | torch.device | None = None,
     batch_format: BatchFormat | None = None,
     min_temperature: float = MIN_NOISY_TEMPERATURE,
+    outliers: Tensor | Iterable | None = None,
 ) -> Calibration:
     """Choose the sigma scale t, and the predictive's temperature T, on validation data.
 
@@ -217,6 +238,13 @@ def calibrate_posterior(
         min_temperature: the lowest T fitted at t > 0 (:data:`MIN_NOISY_TEMPERATURE`: a
             lower T turns the predictive into a vote count of the samples); at t = 0, T
             ranges down to 1 / MAX_TEMPERATURE as in temperature scaling.
+        outliers: inputs that are not of the task (a tensor (M, ...) or batches of inputs,
+            e.g. :func:`synthetic_outliers` of the validation inputs; never the test
+            split's OOD set). With them t is chosen for out-of-distribution detection:
+            among the scales whose validation NLL (at its fitted T) is at most the NLL at
+            t = 0 (temperature scaling), the one with the highest AUROC of the predictive
+            entropy, validation inputs against outliers (ties: the smaller t); t = 0 is
+            always tried. The outliers cost one more pass of S samples per t.
 
     Returns a :class:`Calibration`.
     """
@@ -230,6 +258,9 @@ def calibrate_posterior(
     activation = "sigmoid" if task == "multilabel" else "softmax"
     start = time.perf_counter()
     curve: list[tuple[float, float, float]] = []
+    separation: dict[float, float] = {}
+    if outliers is not None and 0.0 not in scales:
+        scales = [0.0, *scales]
 
     def evaluate(t: float) -> None:
         set_sigma_scale(model, t)
@@ -242,14 +273,17 @@ def calibrate_posterior(
             )
         nll = float(predictive_nll(outputs, targets, activation=activation, temperature=temp))
         curve.append((t, temp, nll))
+        if outliers is not None:
+            far = _outlier_outputs(model, outliers, samples, seed, device, chunk, fmt)
+            separation[t] = _entropy_auroc(outputs, far, temp, activation)
 
     for t in scales:
         evaluate(t)
-    best = min(curve, key=lambda row: row[2])
+    best = _best(curve, separation)
     if refine and best[0] > 0:
         for t in (best[0] / math.sqrt(2), best[0] * math.sqrt(2)):
             evaluate(t)
-        best = min(curve, key=lambda row: row[2])
+        best = _best(curve, separation)
     set_sigma_scale(model, best[0])
     set_temperature(model, best[1])
     getattr(model, INFO_ATTR)["samples"] = samples  # predict's default S from now on
@@ -261,7 +295,36 @@ def calibrate_posterior(
             stacklevel=2,
         )
     curve.sort()
-    return Calibration(best[0], best[1], best[2], curve, samples, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Calibration(best[0], best[1], best[2], curve, samples, seconds, separation)
+
+
+def _best(
+    curve: list[tuple[float, float, float]], separation: dict[float, float]
+) -> tuple[float, float, float]:
+    """The (t, T, NLL) row of the lowest NLL; with ``separation`` ({t: outlier AUROC}),
+    among the rows whose NLL is at most the NLL at t = 0, the highest AUROC (then the
+    smaller t)."""
+    if not separation:
+        return min(curve, key=lambda row: row[2])
+    reference = min(row[2] for row in curve if row[0] == 0.0)
+    admissible = [row for row in curve if row[2] <= reference]
+    return max(admissible, key=lambda row: (separation[row[0]], -row[0]))
+
+
+def _entropy_auroc(inside: Tensor, outside: Tensor, temperature: float, activation: str) -> float:
+    """AUROC of the entropy of the Monte Carlo predictive at ``temperature``, one score
+    per item (the mean over pixels or labels): ``outside`` (S, M, ...) outputs are the
+    positives, ``inside`` (S, N, ...) the negatives."""
+    scores = []
+    for outputs in (inside, outside):
+        z = outputs.double() / temperature
+        probs = (z.sigmoid() if activation == "sigmoid" else z.softmax(2)).mean(0)
+        task = "multilabel" if activation == "sigmoid" else "multiclass"
+        entropy = entropy_of_expectation(probs, task=task)
+        scores.append(entropy.flatten(1).mean(1) if entropy.dim() > 1 else entropy)
+    labels = torch.cat([torch.zeros(len(scores[0])), torch.ones(len(scores[1]))]).long()
+    return float(auc(torch.cat(scores)[:, None], labels[:, None], task="multilabel"))
 
 
 def _check_scales(scales: Sequence[float]) -> list[float]:
@@ -287,25 +350,59 @@ def _validation_outputs(
 ) -> tuple[Tensor, Tensor]:
     """(S, N, ...) float32 CPU outputs and (N, ...) targets, under a forked RNG seeded
     with ``seed`` (the caller's random state is left as it was)."""
+    targets = []
+
+    def inputs() -> Iterator:
+        for batch in data:
+            x, y = fmt.split(batch)
+            if y is None:
+                raise ValueError(
+                    "val_data must yield (input, target) batches (or mappings read with "
+                    "target_key=...)"
+                )
+            targets.append(y.cpu())
+            yield x
+
+    outputs = _sampled_outputs(model, inputs(), samples, seed, device, chunk, fmt, "val_data")
+    return outputs, torch.cat(targets)
+
+
+def _outlier_outputs(
+    model: nn.Module, outliers, samples: int, seed: int, device, chunk, fmt: BatchFormat
+) -> Tensor:
+    """(S, M, ...) outputs of the outliers: a tensor (M, ...) or batches of inputs (or of
+    (input, target) pairs, the targets ignored)."""
+    if isinstance(outliers, Tensor):
+        inputs = outliers.split(256)
+    else:
+        inputs = (b if isinstance(b, Tensor) else fmt.split(b)[0] for b in outliers)
+    return _sampled_outputs(model, inputs, samples, seed + 1, device, chunk, fmt, "outliers")
+
+
+def _sampled_outputs(
+    model: nn.Module,
+    inputs: Iterable,
+    samples: int,
+    seed: int,
+    device,
+    chunk: int | None,
+    fmt: BatchFormat,
+    name: str,
+) -> Tensor:
+    """(S, N, ...) float32 CPU outputs of the input batches (iterated under a forked RNG
+    seeded with ``seed``), S draws per forward of at most ``chunk`` items."""
     where = torch.device(device) if device is not None else model_device(model)
-    outs, targets = [], []
+    outs = []
     with torch.random.fork_rng(devices=[where] if where.type == "cuda" else []):
         torch.manual_seed(seed)
         with eval_mode(model), torch.no_grad():
-            for batch in data:
-                x, y = fmt.split(batch)
-                if y is None:
-                    raise ValueError(
-                        "val_data must yield (input, target) batches (or mappings read with "
-                        "target_key=...)"
-                    )
+            for x in inputs:
                 for part in chunk_inputs(x, chunk or batch_length(x)):
                     out = mc_outputs(model, move_inputs(part, where), samples, batch_format=fmt)
                     outs.append(out.float().cpu())
-                targets.append(y.cpu())
     if not outs:
-        raise ValueError("val_data yielded no batch")
-    return torch.cat(outs, 1), torch.cat(targets)
+        raise ValueError(f"{name} is empty: it yielded no batch")
+    return torch.cat(outs, 1)
 
 
 def set_temperature(model: nn.Module, value: float) -> None:
@@ -314,3 +411,40 @@ def set_temperature(model: nn.Module, value: float) -> None:
     if not isinstance(info, dict):
         raise ValueError("the model was not converted by bnnconvert.convert(); no info to store T")
     info["temperature"] = float(value)
+
+
+def synthetic_outliers(inputs: Tensor, *, seed: int = 0) -> Tensor:
+    """Inputs that are not of the task, made from (validation) inputs (N, ...), for
+    :func:`calibrate_posterior`'s ``outliers`` when no real out-of-distribution set is at
+    hand: the first N // 2 are the inputs with their entries shuffled (each item its own
+    permutation: the same values, no structure), the others uniform noise smoothed by a
+    5-wide box filter over the spatial dimensions of 2-D or 3-D images (N, C, H, W) or
+    (N, C, D, H, W) (other shapes: unsmoothed), each item stretched to the range of the
+    inputs. The two kinds follow Hein et al. (CVPR 2019), who used permuted pixels and
+    smoothed uniform noise as out-of-distribution inputs.
+
+    Args:
+        inputs: (N, ...) floating-point inputs, N >= 2.
+        seed: the random permutations and noise.
+
+    Returns a tensor of the shape, dtype and device of ``inputs``.
+    """
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor (N, ...), got {inputs!r:.80}")
+    if len(inputs) < 2:
+        raise ValueError(f"synthetic_outliers needs N >= 2 inputs, got {len(inputs)}")
+    generator = torch.Generator().manual_seed(seed)
+    x = inputs.detach().cpu()
+    half = len(x) // 2
+    flat = x[:half].flatten(1)
+    order = torch.stack([torch.randperm(flat.shape[1], generator=generator) for _ in flat])
+    shuffled = flat.gather(1, order).view_as(x[:half])
+    noise = torch.rand(len(x) - half, *x.shape[1:], generator=generator, dtype=x.dtype)
+    pool = {4: F.avg_pool2d, 5: F.avg_pool3d}.get(x.dim())
+    if pool is not None:
+        noise = pool(noise, 5, stride=1, padding=2, count_include_pad=False)
+    low = noise.flatten(1).amin(1).view(-1, *[1] * (x.dim() - 1))
+    high = noise.flatten(1).amax(1).view(-1, *[1] * (x.dim() - 1))
+    unit = (noise - low) / (high - low).clamp_min(torch.finfo(x.dtype).tiny)
+    noise = x.min() + unit * (x.max() - x.min())
+    return torch.cat([shuffled, noise]).to(inputs.device)

@@ -152,7 +152,10 @@ def posterior_summary(report: PosteriorReport, sweep=None) -> dict[str, Any]:
     if report.calibration is not None:
         c = report.calibration
         summary.update(scale=c.scale, temperature=c.temperature, val_nll=c.nll,
-                       calibration_curve=[list(row) for row in c.curve])  # fmt: skip
+                       calibration_curve=[list(row) for row in c.curve],
+                       objective=c.objective)  # fmt: skip
+        if c.outlier_auroc:
+            summary["outlier_auroc"] = [[t, value] for t, value in sorted(c.outlier_auroc.items())]
     if sweep is not None:
         summary["r_bayes_sweep"] = {"chosen": sweep.r_bayes, "tolerance": sweep.tolerance,
                                     "rows": [dict(row) for row in sweep.rows]}  # fmt: skip

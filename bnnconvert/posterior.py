@@ -158,6 +158,7 @@ def fit_posterior(
     device: str | torch.device | None = None,
     progress: bool = False,
     batch_format: BatchFormat | None = None,
+    outliers: Tensor | Iterable | None = None,
 ) -> PosteriorReport:
     """Fit the posterior of a converted model's Bayesian entries, in place.
 
@@ -180,7 +181,8 @@ def fit_posterior(
         train_means: "vi": also train the means (and BatchNorm statistics, in train mode).
         settings: "vi" / "paper": training settings to start from (default
             :data:`VI_SETTINGS` / :data:`PAPER_SETTINGS`).
-        samples, scales, temperature: of :func:`calibrate_posterior`.
+        samples, scales, temperature, outliers: of :func:`calibrate_posterior` (outliers:
+            choose the scale t for out-of-distribution detection).
         seed: seeds the curvature's targets, training and calibration.
         device, progress: where to run; tqdm bars.
         batch_format: how to read mapping batches and structured outputs
@@ -218,6 +220,7 @@ def fit_posterior(
         report.calibration = calibrate_posterior(
             model, val_data, task=task, samples=samples, scales=scales,
             temperature=temperature, seed=seed, device=device, batch_format=fmt,
+            outliers=outliers,
         )  # fmt: skip
         report.seconds["calibration"] = report.calibration.seconds
     return report

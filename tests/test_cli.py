@@ -224,6 +224,36 @@ def test_convert_last_layer_is_the_classification_recipe(ws, pipeline):
     assert not (ws / "x.pt").exists()
 
 
+def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipeline):
+    """convert --outliers synthetic: the scale and temperature of the library's calibration
+    with synthetic_outliers of the validation inputs (the same numbers), saved with the
+    model and reported; without --val-data it is refused."""
+    data = ws / "digits.npz"
+    args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
+            "laplace", "--last-layer", "--samples", "20", "--outliers", "synthetic", *BATCH]  # fmt: skip
+    out = _ok([*args, "-o", ws / "ood.pt"])
+    assert "scale chosen for OOD detection: outlier AUROC" in out
+    cli = load(ws / "ood.pt")
+    det = load(ws / "det.pt")
+    ref = convert(det, bnnconvert.last_layer_masks(det), None)
+    val = open_data(data, "val", batch_size=16)
+    outliers = bnnconvert.synthetic_outliers(torch.cat([x for x, _ in val]), seed=0)
+    report = bnnconvert.fit_posterior(
+        ref, open_data(data, "train", batch_size=16), val, samples=20, outliers=outliers
+    )
+    info = cli.bnnconvert_info["posterior"]
+    assert info["objective"] == "outliers" == report.calibration.objective
+    assert info["scale"] == report.calibration.scale
+    assert info["temperature"] == pytest.approx(report.calibration.temperature, rel=1e-5)
+    assert dict(map(tuple, info["outlier_auroc"])) == pytest.approx(
+        report.calibration.outlier_auroc
+    )
+    no_val = [*args[:4], *args[6:], "-o", ws / "x.pt"]  # without --val-data DATA
+    bad = CliRunner().invoke(main, [str(a) for a in no_val])
+    assert bad.exit_code == 2 and "--outliers needs --posterior and --val-data" in bad.output
+    assert not (ws / "x.pt").exists()
+
+
 def test_include_and_exclude_choose_the_scored_parameters(ws, pipeline):
     """saliency/convert --include/--exclude: the scores and the Bayesian entries of exactly
     the chosen parameters, as the library's compute_saliency(include=, exclude=) gives."""

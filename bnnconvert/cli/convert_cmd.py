@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import click
+import torch
+from torch import Tensor
 
 from .._utils import check_output_path
+from ..calibration import synthetic_outliers
 from ..convert import bayes_summary, last_layer_masks
 from ..convert import convert as convert_model
 from ..demo import Recipe
@@ -158,6 +162,14 @@ Examples:
     "initial sigma (--rho-init / --moped-delta).",
 )
 @click.option("--val-data", help="Validation data (never the test split): calibration, auto.")
+@click.option(
+    "--outliers",
+    type=click.Choice(["synthetic"]),
+    help="With --posterior and --val-data: choose the sigma scale for out-of-distribution "
+    "detection: among the scales no worse than temperature scaling on the validation NLL, "
+    "the one whose entropy best separates the validation inputs from outliers made from "
+    "them (shuffled pixels, smoothed noise). Default: the validation NLL alone.",
+)
 @click.option("--val-split", default="val", show_default=True, help="Split of --val-data.")
 @click.option(
     "--epochs",
@@ -198,6 +210,7 @@ def convert(
     posterior: str | None,
     val_data: str | None,
     val_split: str,
+    outliers: str | None,
     epochs: int,
     output: str,
     include: list[str] | None,
@@ -228,6 +241,8 @@ def convert(
         raise click.UsageError(f"{needs[0]} needs --data (the training data)")
     if r_bayes == "auto" and val_data is None:
         raise click.UsageError("--r-bayes auto needs --val-data (the validation data)")
+    if outliers is not None and (posterior is None or val_data is None):
+        raise click.UsageError("--outliers needs --posterior and --val-data (it calibrates)")
     check_output_path(output)
     net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     loader = loss_fn = None
@@ -237,6 +252,9 @@ def convert(
     val = None if val_data is None else cli_loader(val_data, val_split, False, o)
     if samples is None:
         samples = RECIPE.last_layer_samples if last_layer else RECIPE.eval_samples
+    options = {"epochs": epochs, "seed": o["seed"], "samples": samples}
+    if outliers is not None:
+        options["outliers"] = synthetic_outliers(_inputs_of(val), seed=o["seed"])
     pbnn = convert_checkpoint(
         net,
         loader,
@@ -254,7 +272,7 @@ def convert(
         scope=scope,
         posterior=posterior,
         val_data=val,
-        posterior_options={"epochs": epochs, "seed": o["seed"], "samples": samples},
+        posterior_options=options,
         include=include,
         exclude=exclude,
         progress=show_progress(ctx),
@@ -264,6 +282,17 @@ def convert(
     fitted = pbnn.bnnconvert_info.get("posterior")
     if fitted is not None:
         click.echo(describe_posterior(fitted))
+
+
+def _inputs_of(batches: Iterable) -> Tensor:
+    """The inputs (N, ...) of (input, target) batches, concatenated."""
+    inputs = [batch[0] for batch in batches]
+    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
+        raise click.UsageError(
+            "--outliers synthetic needs validation batches of input tensors; with keyword "
+            "inputs build the outliers in Python (bnnconvert.synthetic_outliers)"
+        )
+    return torch.cat(inputs)
 
 
 def describe_posterior(summary: dict[str, Any]) -> str:
@@ -279,6 +308,9 @@ def describe_posterior(summary: dict[str, Any]) -> str:
             f"calibrated on --val-data: scale t = {summary['scale']:.4g}, temperature T = "
             f"{summary['temperature']:.4g}, validation NLL {summary['val_nll']:.4f}"
         )
+    if summary.get("outlier_auroc"):
+        chosen = dict(map(tuple, summary["outlier_auroc"]))[summary["scale"]]
+        lines.append(f"scale chosen for OOD detection: outlier AUROC {chosen:.4f}")
     sweep = summary.get("r_bayes_sweep")
     if sweep is not None:
         lines.append(
