@@ -230,7 +230,8 @@ def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipe
     model and reported; without --val-data it is refused."""
     data = ws / "digits.npz"
     args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
-            "laplace", "--last-layer", "--samples", "20", "--outliers", "synthetic", *BATCH]  # fmt: skip
+            "laplace", "--last-layer", "--samples", "20", "--outliers", "synthetic",
+            *BATCH]  # fmt: skip
     out = _ok([*args, "-o", ws / "ood.pt"])
     assert "scale chosen for OOD detection: outlier AUROC" in out
     cli = load(ws / "ood.pt")
