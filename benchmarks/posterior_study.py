@@ -793,6 +793,48 @@ def samples_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     return {"seed": seed, "results": rows, "items": items}
 
 
+OUTLIERS_DEFAULT = "laplace, last layer, S = 300, t by the validation NLL (the default)"
+OUTLIERS_SYNTHETIC = "laplace, last layer, S = 300, t by synthetic outliers"
+
+
+def outliers_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    """The recipe's posterior (diagonal Laplace on the last layer, S = SAMPLE_GRID[-1])
+    calibrated twice: t by the validation NLL (the default) and t chosen for OOD detection
+    with synthetic outliers made from the validation digits (calibrate_posterior's
+    ``outliers``; no photograph and no test item is used to choose); beside them
+    temperature scaling, laplace-torch's last-layer Laplace and each posterior at its
+    means."""
+    y = sets["test"][1]
+    model = checkpoint(sets, seed, folder, quick)
+    samples = SAMPLE_GRID[-1]
+    rows: dict[str, dict] = {}
+    items: dict[str, dict] = {}
+
+    def record(name: str, predictor: Predictor, info: dict) -> None:
+        preds = run_predictor(predictor, sets, seed)
+        rows[name] = {**summarise(preds, y), **info}
+        items[name] = per_item(preds, y)
+        _log_row(seed, name, rows[name])
+
+    record("temperature scaling", *temperature_scaled(model, sets))
+    record("last-layer Laplace (laplace-torch)", *laplace_last_layer(model, sets, seed, mc=False))
+    pbnn = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
+    bnnconvert.fit_posterior(
+        pbnn, train_loader(sets, seed, shuffle=False), method="laplace", seed=seed, progress=False
+    )
+    outliers = bnnconvert.synthetic_outliers(sets["val"][0], seed=seed)
+    for name, extra in ((OUTLIERS_DEFAULT, {}), (OUTLIERS_SYNTHETIC, {"outliers": outliers})):
+        calibrated = copy.deepcopy(pbnn)
+        cal = calibrate_posterior(calibrated, val_loader(sets), samples=samples, seed=seed, **extra)
+        info = {"scale": cal.scale, "temperature": cal.temperature, "val_nll": cal.nll}
+        info["calibration_seconds"] = cal.seconds
+        if cal.outlier_auroc:
+            info["val_outlier_auroc"] = cal.outlier_auroc[cal.scale]
+        record(name, bayes_predictor(calibrated, samples), info)
+        record(f"{name}, at its means", at_means(calibrated), {})
+    return {"seed": seed, "results": rows, "items": items}
+
+
 def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
     """Run ``run_seed`` (samples_seed or shape_seed) on every seed; write ``task``.json and
     ``task``.md with the paired differences against temperature scaling."""
@@ -813,6 +855,14 @@ def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
         "seeds": [{"seed": s["seed"], "results": s["results"]} for s in seeds],
         "paired": paired,
     }
+    if task == "outliers":  # the OOD-chosen t against laplace-torch and the default
+        report["paired_other"] = {
+            reference: {
+                stat: paired_interval(seeds, OUTLIERS_SYNTHETIC, reference, stat)
+                for stat in ("nll", "auroc_far", "auroc_near")
+            }
+            for reference in ("last-layer Laplace (laplace-torch)", OUTLIERS_DEFAULT)
+        }
     (folder / f"{task}.json").write_text(json.dumps(report, indent=1))
     text = samples_markdown(report)
     (folder / f"{task}.md").write_text(text)
@@ -867,6 +917,16 @@ def samples_markdown(report: dict[str, Any]) -> str:
         near = stats.get("auroc_near")
         near_cell = f"{near[0]:+.4f} [{near[1]:+.4f}, {near[2]:+.4f}]" if near else ""
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {per_seed} | {near_cell} |")
+    for reference, stats in report.get("paired_other", {}).items():
+        cells = [f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in stats.values()]
+        lines += [
+            "",
+            f"{OUTLIERS_SYNTHETIC} minus {reference} (paired, 95 % bootstrap interval):",
+            "",
+            "| NLL | far-OOD AUROC | near-OOD AUROC |",
+            "|---|---|---|",
+            "| " + " | ".join(cells) + " |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -914,6 +974,9 @@ def shape_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     return {"seed": seed, "results": rows, "items": items}
 
 
+LAST_LAYER_TASKS = {"samples": samples_seed, "shape": shape_seed, "outliers": outliers_seed}
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     return f"{cpu}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
@@ -927,7 +990,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--task",
-        choices=("classification", "segmentation", "sigma", "samples", "shape"),
+        choices=("classification", "segmentation", "sigma", "samples", "shape", "outliers"),
         default="classification",
     )
     args = parser.parse_args()
@@ -941,9 +1004,8 @@ def main() -> None:
     if args.task == "sigma":
         sigma_histograms(args, folder)
         return
-    if args.task in ("samples", "shape"):
-        run_seed = samples_seed if args.task == "samples" else shape_seed
-        last_layer_main(args, folder, args.task, run_seed)
+    if args.task in LAST_LAYER_TASKS:
+        last_layer_main(args, folder, args.task, LAST_LAYER_TASKS[args.task])
         return
     sets = load_sets(args.quick)
     start = time.perf_counter()

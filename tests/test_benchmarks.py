@@ -163,3 +163,50 @@ def test_posterior_study_samples_and_shape_tasks(tmp_path):
         assert lam == pytest.approx(factor * default["prior_precision"], rel=1e-6)
     assert all(row["val_nll"] <= shape["temperature scaling"]["val_nll"] + 1e-4
                for name, row in shape.items() if name != "temperature scaling")  # fmt: skip
+
+
+@pytest.mark.integration
+def test_posterior_study_outliers_task(tmp_path):
+    """The study's outliers task (quick): t chosen on synthetic outliers stays within the
+    NLL budget of temperature scaling on validation data and records its outlier AUROC;
+    at its means each posterior predicts the checkpoint's classes."""
+    rows = _study("outliers", tmp_path)
+    ts = rows["temperature scaling"]
+    chosen = rows["laplace, last layer, S = 300, t by synthetic outliers"]
+    assert chosen["val_nll"] <= ts["val_nll"] + 1e-4
+    assert 0.0 <= chosen["val_outlier_auroc"] <= 1.0
+    for name in ("t by synthetic outliers", "t by the validation NLL (the default)"):
+        means = rows[f"laplace, last layer, S = 300, {name}, at its means"]
+        assert means["accuracy"] == ts["accuracy"]
+
+
+@pytest.mark.integration
+def test_predict_memory_quick_run(tmp_path):
+    """bench_predict_memory --quick: the two-stage 3-D UNet (bnnconvert.models.UNet with
+    spatial_dims=3, base 8, depth 1) on 16^3 volumes, one forward row and one row per N."""
+    out_json, out_md = tmp_path / "memory.json", tmp_path / "memory.md"
+    cmd = [sys.executable, str(SCRIPT.with_name("bench_predict_memory.py")), "--quick"]
+    cmd += ["--json", str(out_json), "--markdown", str(out_md)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+
+    report = json.loads(out_json.read_text())
+    size, samples, v = 16, 2, 16**3
+    assert report["meta"]["size"] == size and report["meta"]["samples"] == samples
+
+    # parameters: conv 3^3 (no bias) + BN per double convolution, ConvTranspose 2^3, 1x1 head
+    def double(cin: int, cout: int) -> int:
+        return cout * cin * 27 + 2 * cout + cout * cout * 27 + 2 * cout
+
+    params = double(1, 8) + double(8, 16) + (16 * 8 * 8 + 8) + double(16, 8) + (2 * 8 + 2)
+    assert report["meta"]["parameters"] == params
+    forward, *cases = report["rows"]
+    # every leaf's output, float32: 6 leaves per double convolution, pool, up, head
+    floats = 6 * 8 * v + 8 * v // 8 + 6 * 16 * v // 8 + 8 * v + 6 * 8 * v + 2 * v
+    assert forward["what"] == "forward" and forward["activations"] == 4 * floats
+    assert [(r["what"], r["volumes"]) for r in cases] == [("cases", 1), ("cases", 2)]
+    assert all(r["allocator_peak"] > 0 and r["rss_peak"] > 0 for r in report["rows"])
+    ratios = [r[k] / forward[k] for r in cases for k in ("allocator_peak", "rss_peak")]
+    assert report["ratio"] == pytest.approx(max(ratios))
+    assert report["kept_samples_bytes"] == samples * 2 * 2 * v * 4  # S x N x C x D x H x W
+    text = out_md.read_text()
+    assert f"({params:,} parameters)" in text and "Target: peak <" in text
