@@ -6,7 +6,7 @@ computed) keeps the peak memory under 2x the activations of ONE deterministic fo
 the same model, i.e. no S x N x C x D x H x W tensor is ever held, and the peak does not
 grow with the number of volumes N.
 
-Setup: a small 3-D UNet defined here (``bnnconvert.models`` has 2-D architectures only):
+Setup: a small 3-D UNet, ``bnnconvert.models.UNet(1, 2, base=8, depth=1, spatial_dims=3)``:
 two stages of two Conv3d-BatchNorm3d-ReLU blocks (8 and 16 channels, max-pool down,
 ConvTranspose3d up, a skip connection), 2 classes, 1 x 64^3 input volumes of spheres in
 noise. It is converted at r_bayes = 1 % (grad2 saliency on one volume), and its cases are
@@ -68,6 +68,7 @@ import bench_core  # the machine line and the VmHWM helpers of the core benchmar
 import bnnconvert
 from bnnconvert._utils import json_safe
 from bnnconvert.cases import predict_cases
+from bnnconvert.models import UNet
 
 SEED = 0
 R_BAYES = 0.01
@@ -76,32 +77,9 @@ MIB = 2**20
 
 
 # ------------------------------------------------------------------------ setup
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv3d(cin, cout, 3, padding=1, bias=False),
-        nn.BatchNorm3d(cout),
-        nn.ReLU(inplace=True),
-        nn.Conv3d(cout, cout, 3, padding=1, bias=False),
-        nn.BatchNorm3d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-class UNet3D(nn.Module):
-    """A two-stage 3-D U-Net: (N, 1, D, H, W) -> logits (N, 2, D, H, W)."""
-
-    def __init__(self, base: int = 8) -> None:
-        super().__init__()
-        self.enc1, self.enc2 = _block(1, base), _block(base, 2 * base)
-        self.pool = nn.MaxPool3d(2)
-        self.up = nn.ConvTranspose3d(2 * base, base, 2, stride=2)
-        self.dec = _block(2 * base, base)
-        self.head = nn.Conv3d(base, 2, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        skip = self.enc1(x)
-        x = self.up(self.enc2(self.pool(skip)))
-        return self.head(self.dec(torch.cat([skip, x], dim=1)))
+def unet3d() -> UNet:
+    """The two-stage 3-D UNet: (N, 1, D, H, W) -> logits (N, 2, D, H, W)."""
+    return UNet(in_channels=1, num_classes=2, base=8, depth=1, spatial_dims=3)
 
 
 def volumes(n: int, size: int, seed: int = SEED) -> tuple[Tensor, Tensor]:
@@ -123,7 +101,7 @@ def volumes(n: int, size: int, seed: int = SEED) -> tuple[Tensor, Tensor]:
 def build(size: int) -> tuple[nn.Module, nn.Module]:
     """(the deterministic model, eval mode; its conversion at r_bayes = 1 %)."""
     torch.manual_seed(SEED)
-    model = UNet3D().eval()
+    model = unet3d().eval()
     x, y = volumes(1, size, seed=SEED + 1)
     saliency = bnnconvert.compute_saliency(model, [(x, y)])
     return model, bnnconvert.convert(copy.deepcopy(model), saliency, R_BAYES).eval()
@@ -290,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows[1:]
     )
     meta = bench_core.machine(torch.device("cpu"))
-    parameters = sum(p.numel() for p in UNet3D().parameters())
+    parameters = sum(p.numel() for p in unet3d().parameters())
     meta.update(size=args.size, samples=args.samples, parameters=parameters)
     kept = args.samples * max(counts) * 2 * args.size**3 * 4
     result = {
