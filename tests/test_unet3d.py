@@ -18,6 +18,8 @@ from bnnconvert.layers import bayesian_layers
 from bnnconvert.models import UNet
 from bnnconvert.serialization import build_model, describe, load, save
 
+from .test_io import assert_same_model
+
 UNET = "bnnconvert.models:UNet"
 
 
@@ -236,18 +238,9 @@ def test_3d_save_load_round_trip(tmp_path):
     loaded = load(tmp_path / "unet3d.pt")
     assert describe(loaded)["arch"] == UNET and describe(loaded)["arch_kwargs"] == kwargs
     assert isinstance(loaded.head, nn.Conv3d) and loaded.spatial_dims == 3
-    sd_a, sd_b = pbnn.state_dict(), loaded.state_dict()
-    assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     pbnn.eval()
     x = torch.randn(2, 1, 4, 6, 8)
-    with torch.no_grad():
-        with mean_weights(pbnn), mean_weights(loaded):
-            assert torch.equal(pbnn(x), loaded(x))
-        torch.manual_seed(3)
-        a = pbnn(x)
-        torch.manual_seed(3)
-        b = loaded(x)
-        assert torch.equal(a, b) and not torch.equal(a, pbnn(x))  # sampled, reproducibly
+    assert_same_model(pbnn, loaded, x)
     det = load(tmp_path / "unet3d.pt", deterministic=True)
     with torch.no_grad():
         assert torch.equal(det(x), model(x))
