@@ -32,11 +32,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    binary_auroc,
-    binary_average_precision,
-    multiclass_stat_scores,
-)
 
 from .predict import Prediction, categorical_entropy, uncertainty_terms
 
@@ -137,6 +132,15 @@ Segmentation (per pixel, averaged over all pixels of all images unless said othe
 
 
 # --------------------------------------------------------------------- validation
+def _tm():
+    """torchmetrics.functional.classification, imported on first use: importing it takes
+    seconds (it pulls in torchvision and scipy), which every ``bnnconvert`` command and
+    ``import bnnconvert`` would otherwise pay."""
+    import torchmetrics.functional.classification as classification
+
+    return classification
+
+
 def _check_task(task: str) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -256,7 +260,7 @@ def auc(
         if positives in (0, targets.shape[0]):
             undefined.append(label)
             continue
-        values[label] = binary_auroc(probs[:, label], targets[:, label]).item()
+        values[label] = _tm().binary_auroc(probs[:, label], targets[:, label]).item()
     if undefined:
         warnings.warn(
             f"AUC undefined for labels {undefined}: their targets hold a single class; "
@@ -306,7 +310,7 @@ def overlap_counts(pred: Tensor, target: Tensor, num_classes: int | None = None)
     if num_classes is None:
         found = int(max(labels.max(), target.max())) + 1 if labels.numel() else 0
         num_classes = max(classes, found)
-    stats = multiclass_stat_scores(
+    stats = _tm().multiclass_stat_scores(
         labels.reshape(len(labels), -1),
         target.reshape(len(target), -1),
         num_classes=num_classes,
@@ -797,7 +801,9 @@ def ood_scores(in_distribution: Prediction, ood: Prediction) -> dict[str, dict[s
         positives = image_uncertainty(ood, score)
         results[score] = {
             "auroc": _ood_auroc(negatives, positives),
-            "aupr": float(binary_average_precision(torch.cat([negatives, positives]), labels)),
+            "aupr": float(
+                _tm().binary_average_precision(torch.cat([negatives, positives]), labels)
+            ),
             "fpr95": fpr_at_tpr(negatives, positives, 0.95),
         }
     return results

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 __all__ = ["UNet", "resnet18"]
@@ -18,6 +17,8 @@ __all__ = ["UNet", "resnet18"]
 def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """torchvision's ResNet18 with ``in_channels`` input channels and ``num_classes``
     outputs (MedMNIST images of 28 px and up go through unchanged)."""
+    import torchvision.models  # here, not at import time: it takes seconds
+
     model = torchvision.models.resnet18(num_classes=num_classes)
     if in_channels != 3:
         model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)

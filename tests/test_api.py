@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 import bnnconvert
 
@@ -144,3 +145,22 @@ def test_io_is_gone_and_its_names_live_on():
     assert convert_checkpoint is bnnconvert.convert_checkpoint
     assert (load, save, load_checkpoint) == (bnnconvert.load, bnnconvert.save,
                                              bnnconvert.load_checkpoint)  # fmt: skip
+
+
+def test_import_and_the_cli_leave_the_heavy_optional_libraries_unloaded():
+    """``import bnnconvert`` and the CLI's import load torch but not torchmetrics,
+    torchvision, scipy, scikit-learn, matplotlib, laplace-torch or bayesian-torch (each
+    costs seconds at every ``bnnconvert`` command; they load where they are used)."""
+    import subprocess
+
+    heavy = ("torchmetrics", "torchvision", "scipy", "sklearn", "matplotlib", "laplace",
+             "bayesian_torch")  # fmt: skip
+    code = (
+        "import sys, bnnconvert, bnnconvert.cli; "
+        f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+    # where they are used they load: an AUROC goes through torchmetrics
+    auroc = bnnconvert.metrics.auc(torch.tensor([[0.1], [0.9]]), torch.tensor([[0], [1]]))
+    assert float(auroc) == 1.0

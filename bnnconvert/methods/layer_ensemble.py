@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 from .._utils import (
@@ -40,6 +39,8 @@ def default_stages(model: nn.Module) -> list[str]:
         return [f"encoder.{i}" for i in range(len(model.encoder))] + [
             f"decoder.{i}" for i in range(len(model.decoder))
         ]
+    import torchvision.models  # here, not at import time: it takes seconds
+
     if isinstance(model, torchvision.models.ResNet):
         return ["layer1", "layer2", "layer3", "layer4"]
     raise ValueError(
