@@ -249,6 +249,7 @@ def calibrate_posterior(
     Returns a :class:`Calibration`.
     """
     scales = _check_scales(scales)
+    _check_outliers(outliers)
     fmt = as_batch_format(batch_format)
     if chunk is not None:
         check_positive_int(chunk=chunk)
@@ -325,6 +326,17 @@ def _entropy_auroc(inside: Tensor, outside: Tensor, temperature: float, activati
         scores.append(entropy.flatten(1).mean(1) if entropy.dim() > 1 else entropy)
     labels = torch.cat([torch.zeros(len(scores[0])), torch.ones(len(scores[1]))]).long()
     return float(auc(torch.cat(scores)[:, None], labels[:, None], task="multilabel"))
+
+
+def _check_outliers(outliers: object) -> None:
+    if isinstance(outliers, (str, bytes)) or not (
+        outliers is None or isinstance(outliers, (Tensor, Iterable))
+    ):
+        raise TypeError(
+            f"outliers must be a tensor (M, ...) of inputs or batches of inputs, got "
+            f"{outliers!r:.60}; for outliers made from the validation inputs pass "
+            "bnnconvert.synthetic_outliers(val_inputs)"
+        )
 
 
 def _check_scales(scales: Sequence[float]) -> list[float]:

@@ -106,3 +106,13 @@ def test_compare_counts_predictions_of_the_given_samples(tmp_path):
         assert f"inference: S = {samples} forwards" in text
     default = json.loads(_run([*args, "--json"]).output)  # the paper's S = 5 by default
     assert default["samples"] == 1 and default["inference_samples"] == 5
+
+
+def test_samples_below_one_is_refused_by_its_flag(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "convs.pt"
+    torch.save(two_convs().state_dict(), path)
+    args = ["flops", str(path), "--arch", f"{__name__}:two_convs", "--input-shape", "1,3,8,8"]
+    for samples in ("0", "-2"):
+        result = CliRunner().invoke(main, [*args, "--samples", samples])
+        assert result.exit_code == 2 and "--samples" in result.output

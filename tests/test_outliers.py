@@ -125,6 +125,9 @@ def test_outliers_as_batches_equal_outliers_as_a_tensor():
     assert as_tensor.scale == as_batches.scale
     with pytest.raises(ValueError, match="outliers is empty"):
         bnnconvert.calibrate_posterior(pbnn, val, outliers=[], **common)
+    for wrong in ("synthetic", 3.0):  # the CLI's word, a number
+        with pytest.raises(TypeError, match="synthetic_outliers"):
+            bnnconvert.calibrate_posterior(pbnn, val, outliers=wrong, **common)
 
 
 def test_fit_posterior_passes_outliers_to_the_calibration():

@@ -46,7 +46,7 @@ Examples:
     "--samples",
     default=None,
     show_default="1; the --compare inference column: 5",
-    type=int,
+    type=click.IntRange(1),
     help="Monte Carlo forward passes of a prediction, also S of the inference column of "
     "--compare (its training columns keep S = 5).",
 )
