@@ -795,6 +795,9 @@ def samples_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
 
 OUTLIERS_DEFAULT = "laplace, last layer, S = 300, t by the validation NLL (the default)"
 OUTLIERS_SYNTHETIC = "laplace, last layer, S = 300, t by synthetic outliers"
+PROBIT_NLL = "laplace, last layer, probit, t by the validation NLL"
+PROBIT_SYNTHETIC = "laplace, last layer, probit, t by synthetic outliers"
+MC_NLL = "laplace, last layer, S = 300, t by the validation NLL"
 
 
 def outliers_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
@@ -804,9 +807,31 @@ def outliers_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     ``outliers``; no photograph and no test item is used to choose); beside them
     temperature scaling, laplace-torch's last-layer Laplace and each posterior at its
     means."""
+    variants = {OUTLIERS_DEFAULT: ("sample", False), OUTLIERS_SYNTHETIC: ("sample", True)}
+    return calibrations_seed(seed, sets, folder, quick, variants)
+
+
+def predictive_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    """The recipe's posterior calibrated with the Monte Carlo predictive (S =
+    SAMPLE_GRID[-1]) and with the closed-form probit predictive (``predictive="probit"``),
+    t by the validation NLL and by synthetic outliers; beside them temperature scaling,
+    laplace-torch's last-layer Laplace and each posterior at its means."""
+    variants = {
+        MC_NLL: ("sample", False),
+        PROBIT_NLL: ("probit", False),
+        PROBIT_SYNTHETIC: ("probit", True),
+    }
+    return calibrations_seed(seed, sets, folder, quick, variants)
+
+
+def calibrations_seed(
+    seed: int, sets, folder: Path, quick: bool, variants: dict[str, tuple[str, bool]]
+) -> dict[str, Any]:
+    """One fitted posterior (diagonal Laplace on the last layer) calibrated once per
+    variant {row name: (predictive, t by synthetic outliers?)}: S = SAMPLE_GRID[-1] draws
+    for "sample", none for "probit"; every variant also at its means."""
     y = sets["test"][1]
     model = checkpoint(sets, seed, folder, quick)
-    samples = SAMPLE_GRID[-1]
     rows: dict[str, dict] = {}
     items: dict[str, dict] = {}
 
@@ -823,16 +848,30 @@ def outliers_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
         pbnn, train_loader(sets, seed, shuffle=False), method="laplace", seed=seed, progress=False
     )
     outliers = bnnconvert.synthetic_outliers(sets["val"][0], seed=seed)
-    for name, extra in ((OUTLIERS_DEFAULT, {}), (OUTLIERS_SYNTHETIC, {"outliers": outliers})):
+    for name, (predictive, by_outliers) in variants.items():
         calibrated = copy.deepcopy(pbnn)
+        samples = SAMPLE_GRID[-1] if predictive == "sample" else None
+        extra = {"outliers": outliers} if by_outliers else {}
+        if predictive == "probit":
+            extra["predictive"] = "probit"
         cal = calibrate_posterior(calibrated, val_loader(sets), samples=samples, seed=seed, **extra)
         info = {"scale": cal.scale, "temperature": cal.temperature, "val_nll": cal.nll}
         info["calibration_seconds"] = cal.seconds
         if cal.outlier_auroc:
             info["val_outlier_auroc"] = cal.outlier_auroc[cal.scale]
-        record(name, bayes_predictor(calibrated, samples), info)
+        record(name, bayes_predictor(calibrated, cal.samples), info)
         record(f"{name}, at its means", at_means(calibrated), {})
     return {"seed": seed, "results": rows, "items": items}
+
+
+PAIRED_OTHER = {
+    "outliers": {OUTLIERS_SYNTHETIC: ("last-layer Laplace (laplace-torch)", OUTLIERS_DEFAULT)},
+    "predictive": {
+        name: ("last-layer Laplace (laplace-torch)", MC_NLL)
+        for name in (PROBIT_NLL, PROBIT_SYNTHETIC)
+    },
+}
+"""Per task, {row: (the rows it is compared with, paired)} beside temperature scaling."""
 
 
 def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
@@ -855,14 +894,19 @@ def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
         "seeds": [{"seed": s["seed"], "results": s["results"]} for s in seeds],
         "paired": paired,
     }
-    if task == "outliers":  # the OOD-chosen t against laplace-torch and the default
+    if task in PAIRED_OTHER:  # the variants against laplace-torch and the default
         report["paired_other"] = {
-            reference: {
-                stat: paired_interval(seeds, OUTLIERS_SYNTHETIC, reference, stat)
-                for stat in ("nll", "auroc_far", "auroc_near")
+            name: {
+                reference: {
+                    stat: paired_interval(seeds, name, reference, stat)
+                    for stat in ("nll", "auroc_far", "auroc_near")
+                }
+                for reference in references
             }
-            for reference in ("last-layer Laplace (laplace-torch)", OUTLIERS_DEFAULT)
+            for name, references in PAIRED_OTHER[task].items()
         }
+    if task == "predictive":
+        report["default"] = choose_predictive(seeds)
     (folder / f"{task}.json").write_text(json.dumps(report, indent=1))
     text = samples_markdown(report)
     (folder / f"{task}.md").write_text(text)
@@ -917,17 +961,31 @@ def samples_markdown(report: dict[str, Any]) -> str:
         near = stats.get("auroc_near")
         near_cell = f"{near[0]:+.4f} [{near[1]:+.4f}, {near[2]:+.4f}]" if near else ""
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {per_seed} | {near_cell} |")
-    for reference, stats in report.get("paired_other", {}).items():
-        cells = [f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in stats.values()]
-        lines += [
-            "",
-            f"{OUTLIERS_SYNTHETIC} minus {reference} (paired, 95 % bootstrap interval):",
-            "",
-            "| NLL | far-OOD AUROC | near-OOD AUROC |",
-            "|---|---|---|",
-            "| " + " | ".join(cells) + " |",
-        ]
+    for name, references in report.get("paired_other", {}).items():
+        for reference, stats in references.items():
+            cells = [f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in stats.values()]
+            lines += [
+                "",
+                f"{name} minus {reference} (paired, 95 % bootstrap interval):",
+                "",
+                "| NLL | far-OOD AUROC | near-OOD AUROC |",
+                "|---|---|---|",
+                "| " + " | ".join(cells) + " |",
+            ]
+    if "default" in report:
+        lines += ["", f"The study's rule on the validation NLL chooses: **{report['default']}**."]
     return "\n".join(lines) + "\n"
+
+
+def choose_predictive(seeds: list[dict], tolerance: float = 0.01) -> str:
+    """Between the Monte Carlo and the probit predictive, both with t by the validation
+    NLL: the lower mean validation NLL over the seeds, and within ``tolerance`` (relative)
+    of it the cheaper, the probit (one forward, no draw)."""
+    mean = {
+        c: float(np.mean([s["results"][c]["val_nll"] for s in seeds])) for c in (MC_NLL, PROBIT_NLL)
+    }
+    best = min(mean.values())
+    return PROBIT_NLL if mean[PROBIT_NLL] <= best * (1 + tolerance) else MC_NLL
 
 
 # ---------------------------------------------------------------------- shape
@@ -974,7 +1032,12 @@ def shape_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     return {"seed": seed, "results": rows, "items": items}
 
 
-LAST_LAYER_TASKS = {"samples": samples_seed, "shape": shape_seed, "outliers": outliers_seed}
+LAST_LAYER_TASKS = {
+    "samples": samples_seed,
+    "shape": shape_seed,
+    "outliers": outliers_seed,
+    "predictive": predictive_seed,
+}
 
 
 def _machine() -> str:
@@ -990,7 +1053,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--task",
-        choices=("classification", "segmentation", "sigma", "samples", "shape", "outliers"),
+        choices=(
+            "classification",
+            "segmentation",
+            "sigma",
+            "samples",
+            "shape",
+            "outliers",
+            "predictive",
+        ),
         default="classification",
     )
     args = parser.parse_args()

@@ -15,7 +15,14 @@ from .elbo import BetaSchedule, ELBOTerms, elbo_loss, kl_loss
 from .flops import FlopReport, count_flops, training_cost
 from .pipeline import convert_checkpoint
 from .posterior import PosteriorReport, RSweep, fit_posterior, select_r_bayes
-from .predict import BatchFormat, Prediction, mean_weights, predict, predict_batches
+from .predict import (
+    BatchFormat,
+    Prediction,
+    mean_weights,
+    predict,
+    predict_batches,
+    set_predictive,
+)
 from .saliency import Saliency, compute_saliency
 from .serialization import load, load_checkpoint, save
 
@@ -54,6 +61,7 @@ __all__ = [
     "predict_cases",
     "save",
     "select_r_bayes",
+    "set_predictive",
     "synthetic_outliers",
     "to_deterministic",
     "training_cost",

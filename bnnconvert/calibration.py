@@ -41,6 +41,7 @@ from .convert import INFO_ATTR
 from .layers import bayesian_layers, set_sigma_scale
 from .losses import data_task
 from .metrics import auc, entropy_of_expectation
+from .predict import predictive_of, set_predictive
 from .sampling import mc_outputs
 
 __all__ = [
@@ -88,6 +89,8 @@ class Calibration:
         outlier_auroc: {t: AUROC of the predictive entropy, validation inputs against the
             outliers} for every t tried, when ``calibrate_posterior`` was given outliers
             (the objective "outliers"); empty otherwise (the objective "nll").
+        predictive: "sample" (Monte Carlo) or "probit" (closed form, S = 1); see
+            :func:`bnnconvert.predict.set_predictive`.
     """
 
     scale: float
@@ -97,6 +100,7 @@ class Calibration:
     samples: int
     seconds: float = math.nan
     outlier_auroc: dict[float, float] = field(default_factory=dict)
+    predictive: str = "sample"
 
     @property
     def objective(self) -> str:
@@ -106,7 +110,8 @@ class Calibration:
     def __str__(self) -> str:
         text = (
             f"scale t = {self.scale:.4g}, temperature T = {self.temperature:.4g}, validation "
-            f"NLL {self.nll:.4f} ({len(self.curve)} scales tried, S = {self.samples})"
+            f"NLL {self.nll:.4f} ({len(self.curve)} scales tried, "
+            + ("probit predictive)" if self.predictive == "probit" else f"S = {self.samples})")
         )
         if self.outlier_auroc:
             text += f", outlier AUROC {self.outlier_auroc[self.scale]:.4f}"
@@ -191,7 +196,7 @@ def calibrate_posterior(
     val_data: Iterable,
     *,
     task: str | None = None,
-    samples: int = 10,
+    samples: int | None = None,
     scales: Sequence[float] = DEFAULT_SCALES,
     temperature: bool = True,
     refine: bool = True,
@@ -201,6 +206,7 @@ def calibrate_posterior(
     batch_format: BatchFormat | None = None,
     min_temperature: float = MIN_NOISY_TEMPERATURE,
     outliers: Tensor | Iterable | None = None,
+    predictive: str | None = None,
 ) -> Calibration:
     """Choose the sigma scale t, and the predictive's temperature T, on validation data.
 
@@ -218,11 +224,16 @@ def calibrate_posterior(
     S into ``model.bnnconvert_info["samples"]``, :func:`bnnconvert.predict`'s default S for
     this model (t and T were chosen for that many draws).
 
+    With ``predictive="probit"`` (a Bayesian output layer: see
+    :func:`bnnconvert.predict.set_predictive`) the predictive is the closed-form
+    softmax(mean / sqrt(1 + pi/8 t^2 variance) / T): no Monte Carlo noise, one forward per
+    t, S = 1.
+
     Args:
         model: a converted model (its sigma fitted, e.g. by :func:`fit_posterior`).
         val_data: (input, target) batches; never the test split.
         task: "multiclass", "multilabel" or "segmentation" (default: the data's).
-        samples: S.
+        samples: S (None: 10; 1 with the probit predictive, which draws nothing).
         scales: the t to try (numbers >= 0).
         temperature: fit T (else T = 1).
         refine: refine the best positive t (see above).
@@ -235,9 +246,10 @@ def calibrate_posterior(
         device: where to run (default: where the model is).
         batch_format: how to read mapping batches and structured outputs
             (:class:`bnnconvert.BatchFormat`).
-        min_temperature: the lowest T fitted at t > 0 (:data:`MIN_NOISY_TEMPERATURE`: a
-            lower T turns the predictive into a vote count of the samples); at t = 0, T
-            ranges down to 1 / MAX_TEMPERATURE as in temperature scaling.
+        min_temperature: the lowest T fitted at t > 0 with Monte Carlo samples
+            (:data:`MIN_NOISY_TEMPERATURE`: a lower T turns the predictive into a vote count
+            of the samples); at t = 0 and with the probit predictive, T ranges down to
+            1 / MAX_TEMPERATURE as in temperature scaling.
         outliers: inputs that are not of the task (a tensor (M, ...) or batches of inputs,
             e.g. :func:`synthetic_outliers` of the validation inputs; never the test
             split's OOD set). With them t is chosen for out-of-distribution detection:
@@ -245,6 +257,8 @@ def calibrate_posterior(
             t = 0 (temperature scaling), the one with the highest AUROC of the predictive
             entropy, validation inputs against outliers (ties: the smaller t); t = 0 is
             always tried. The outliers cost one more pass of S samples per t.
+        predictive: "sample" or "probit" (:data:`bnnconvert.predict.PREDICTIVES`), stored
+            in the model; None: the model's (:func:`bnnconvert.predict.predictive_of`).
 
     Returns a :class:`Calibration`.
     """
@@ -255,6 +269,12 @@ def calibrate_posterior(
         check_positive_int(chunk=chunk)
     if not any(True for _ in bayesian_layers(model)):
         raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
+    predictive = predictive_of(model) if predictive is None else predictive
+    samples = _check_samples(samples, predictive)
+    if predictive != predictive_of(model) or predictive == "probit":
+        set_predictive(model, predictive, _first_inputs(val_data, fmt), batch_format=fmt)
+    if predictive == "probit":
+        min_temperature = 1 / MAX_TEMPERATURE
     task = task or data_task(val_data) or "multiclass"
     activation = "sigmoid" if task == "multilabel" else "softmax"
     start = time.perf_counter()
@@ -297,7 +317,26 @@ def calibrate_posterior(
         )
     curve.sort()
     seconds = time.perf_counter() - start
-    return Calibration(best[0], best[1], best[2], curve, samples, seconds, separation)
+    return Calibration(best[0], best[1], best[2], curve, samples, seconds, separation, predictive)
+
+
+def _check_samples(samples: int | None, predictive: str) -> int:
+    """S of a calibration: ``samples``, else 10 (1 for the probit predictive)."""
+    if samples is None:
+        return 1 if predictive == "probit" else 10
+    check_positive_int(samples=samples)
+    if predictive == "probit" and samples != 1:
+        raise ValueError(
+            f"the probit predictive draws no sample: pass samples=None (or 1), got {samples}"
+        )
+    return samples
+
+
+def _first_inputs(data: Iterable, fmt: BatchFormat) -> object:
+    """The inputs of the first batch of ``data``."""
+    for batch in data:
+        return fmt.split(batch)[0]
+    raise ValueError("val_data is empty: it yielded no batch")
 
 
 def _best(

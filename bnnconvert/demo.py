@@ -63,7 +63,7 @@ from .metrics import ECE_BINS, entropy_auroc, evaluate
 from .models import UNet, resnet18
 from .plots import reliability_diagram, segmentation_overlay
 from .posterior import METHODS, fit_posterior
-from .predict import Prediction, predict
+from .predict import PREDICTIVES, Prediction, predict
 from .saliency import check_r_bayes, compute_saliency
 from .training import TrainSettings, seed_everything, train
 
@@ -107,6 +107,10 @@ class Recipe:
             draws cost S classifier forwards (the rest of the network runs once): chosen
             among 10, 100 and 300 by the study's rule on the validation NLL
             (``benchmarks/posterior_study/samples.md``).
+        last_layer_predictive: the predictive of a recommended recipe on the last layer:
+            "sample" (Monte Carlo, ``last_layer_samples`` draws) or "probit" (closed form,
+            one forward; :func:`bnnconvert.set_predictive`), chosen by the study's rule on
+            the validation NLL (``benchmarks/posterior_study/predictive.md``).
     """
 
     training: TrainSettings = field(default_factory=partial(TrainSettings, samples=2))
@@ -120,8 +124,14 @@ class Recipe:
     moped_delta: float = 0.1
     eval_samples: int = 10
     last_layer_samples: int = 300
+    last_layer_predictive: str = "sample"
 
     def __post_init__(self) -> None:
+        if self.last_layer_predictive not in PREDICTIVES:
+            raise ValueError(
+                f"last_layer_predictive must be one of {PREDICTIVES}, got "
+                f"{self.last_layer_predictive!r}"
+            )
         for name in ("posterior", "seg_posterior"):
             if getattr(self, name) not in METHODS:
                 raise ValueError(f"{name} must be one of {METHODS}, got {getattr(self, name)!r}")
@@ -140,8 +150,15 @@ class Recipe:
             return self.seg_posterior, self.seg_selection
         return self.posterior, self.selection
 
+    def predictive(self, task: str) -> str:
+        """The recommended recipe's predictive for ``task`` ("sample" or "probit")."""
+        return self.last_layer_predictive if self.choice(task)[1] == "last layer" else "sample"
+
     def samples(self, task: str) -> int:
-        """S of the recommended recipe's calibration and predictions for ``task``."""
+        """S of the recommended recipe's calibration and predictions for ``task`` (1 for
+        the probit predictive, which draws nothing)."""
+        if self.predictive(task) == "probit":
+            return 1
         if self.choice(task)[1] == "last layer":
             return self.last_layer_samples
         return self.eval_samples
@@ -500,6 +517,7 @@ class _Run:
         report = fit_posterior(
             pbnn, fit_data, val, method=method, task=task, epochs=r.posterior_epochs,
             samples=samples, seed=self.seed, device=self.device, progress=self.progress,
+            predictive=r.predictive(task),
         )  # fmt: skip
         log.info("%s", report)
         c = report.calibration
@@ -511,7 +529,8 @@ class _Run:
             f"the checkpoint {'+ saliency ' if saliency_epochs else ''}+ {method} "
             f"posterior (lambda {report.prior_precision:.3g}; about {fit_epochs} epoch(s) of "
             f"training cost), t = {c.scale:.3g} and T = {c.temperature:.3f} fitted on the "
-            f"validation split, S = {samples}"
+            f"validation split, "
+            + ("probit predictive" if r.predictive(task) == "probit" else f"S = {samples}")
         )
         extra = saliency_epochs + fit_epochs
         calibrated = _Model(partial(self._predict, pbnn, samples), _parameters(pbnn),

@@ -190,6 +190,11 @@ def elbo_loss(
     Call ``terms.loss.backward()``; ``terms.nll``/``terms.kl`` are for logging.
     """
     check_positive_int(samples=samples)
+    if any(getattr(m, "bayes_probit", False) for _, m in bayesian_layers(model)):
+        raise ValueError(
+            "the ELBO needs Monte Carlo samples, but the model predicts with the probit "
+            "predictive: call bnnconvert.set_predictive(model, 'sample') before training"
+        )
     fmt = as_batch_format(batch_format)
     loss_fn = loss_fn or default_loss
     outputs = mc_samples(model, inputs, samples)

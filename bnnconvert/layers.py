@@ -322,11 +322,74 @@ class BayesianLayer:
     _bayes_base: type[nn.Module]
 
     def forward(self, *args, **kwargs):
+        if self.__dict__.get("bayes_probit") and self.bayes_sampling and not self._bayes_active:
+            return self._probit_forward(*args, **kwargs)
         saved = _swap_in_samples((self,))
         try:
             return super().forward(*args, **kwargs)
         finally:
             _restore(saved)
+
+    @property
+    def draws_noise(self) -> bool:
+        """True if a forward now draws random numbers: sampling is on (not within
+        :func:`mean_weights`) and the layer is not in the probit mode."""
+        return self.bayes_sampling and not self.__dict__.get("bayes_probit", False)
+
+    # ----------------------------------------------------------------- probit
+    def output_moments(self, x: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """The mean and variance of this layer's output under its posterior, in closed form.
+
+        For a Linear or convolution (transposed too) with independent Gaussian entries,
+        each output entry is sum_i x_i w_i + b, so its mean is the layer's forward with mu
+        and its variance the same forward on x^2 with the weights' sigma^2 and the bias'
+        sigma^2 (zero at deterministic entries), t included. Only Linear and convolution
+        layers (:data:`CONVERTIBLE_TYPES`) have this form.
+
+        Args:
+            x: the layer's input, e.g. (N, in_features) or (N, C_in, H, W); ``args`` and
+                ``kwargs`` as the layer's forward takes them (``output_size`` of a
+                transposed convolution).
+
+        Returns (mean, variance), each of the output's shape, e.g. (N, C_out, H, W).
+        """
+        if not isinstance(self, CONVERTIBLE_TYPES):
+            raise TypeError(
+                f"{self._bayes_base.__name__} has no closed-form output variance; only Linear "
+                "and convolution layers do"
+            )
+        base = super()
+        mean = base.forward(x, *args, **kwargs)
+        swapped = {}
+        try:
+            for name in PARAM_NAMES:
+                mu = self._parameters.get(name)
+                if mu is None:
+                    continue
+                swapped[name] = mu
+                self._parameters[name] = (
+                    self._dense_variance(name) if name in self.bayes_names else torch.zeros_like(mu)
+                )
+            variance = base.forward(x * x, *args, **kwargs)
+        finally:
+            self._parameters.update(swapped)
+        return mean, variance
+
+    def _dense_variance(self, name: str) -> Tensor:
+        """(t sigma)^2 of ``name`` at its Bayesian entries, 0 elsewhere, shape of the
+        parameter, in its dtype (gradients flow to rho)."""
+        mu = self._parameters[name]
+        var = self._sigma(name).square().to(mu.dtype)
+        if self.is_dense(name):
+            return var.view(mu.shape)
+        flat = torch.zeros(mu.numel(), dtype=mu.dtype, device=mu.device)
+        return flat.scatter(0, self._long_index(name), var).view(mu.shape)
+
+    def _probit_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """mean / sqrt(1 + pi/8 variance) of :meth:`output_moments`: logits whose softmax
+        (sigmoid) approximates the posterior's expected softmax (sigmoid) (MacKay, 1992)."""
+        mean, variance = self.output_moments(x, *args, **kwargs)
+        return mean * torch.rsqrt(1 + (math.pi / 8) * variance)
 
     # ----------------------------------------------------------------- per tensor
     def bayes_rho(self, name: str) -> Tensor:
@@ -750,7 +813,8 @@ def make_deterministic(module: nn.Module) -> nn.Module:
             del module._buffers[f"{name}_idx"]
         del module._buffers["bayes_prior"]
         del module._buffers["bayes_scale"]
-        for attr in ("bayes_names", "bayes_sampling", "_bayes_active", "_bayes_cache"):
+        for attr in ("bayes_names", "bayes_sampling", "bayes_probit", "_bayes_active",
+                     "_bayes_cache"):  # fmt: skip
             module.__dict__.pop(attr, None)
     if isinstance(module, (BayesianLayer, BayesianOwner)):
         module.__class__ = module._bayes_base

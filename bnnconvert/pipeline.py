@@ -153,7 +153,7 @@ def posterior_summary(report: PosteriorReport, sweep=None) -> dict[str, Any]:
         c = report.calibration
         summary.update(scale=c.scale, temperature=c.temperature, val_nll=c.nll,
                        calibration_curve=[list(row) for row in c.curve],
-                       objective=c.objective)  # fmt: skip
+                       objective=c.objective, predictive=c.predictive)  # fmt: skip
         if c.outlier_auroc:
             summary["outlier_auroc"] = [[t, value] for t, value in sorted(c.outlier_auroc.items())]
     if sweep is not None:

@@ -61,6 +61,7 @@ from .curvature import (
 )
 from .layers import bayesian_layers, bayesian_masks, set_sigma_scale, softplus_inverse
 from .losses import data_task
+from .predict import apply_predictive, predictive_of
 from .saliency import Saliency
 from .training import TrainSettings, train
 
@@ -151,7 +152,7 @@ def fit_posterior(
     kl_temperature: float = 1.0,
     train_means: bool = False,
     settings: TrainSettings | None = None,
-    samples: int = 10,
+    samples: int | None = None,
     scales: Sequence[float] = DEFAULT_SCALES,
     temperature: bool = True,
     seed: int = 0,
@@ -159,6 +160,7 @@ def fit_posterior(
     progress: bool = False,
     batch_format: BatchFormat | None = None,
     outliers: Tensor | Iterable | None = None,
+    predictive: str | None = None,
 ) -> PosteriorReport:
     """Fit the posterior of a converted model's Bayesian entries, in place.
 
@@ -181,8 +183,10 @@ def fit_posterior(
         train_means: "vi": also train the means (and BatchNorm statistics, in train mode).
         settings: "vi" / "paper": training settings to start from (default
             :data:`VI_SETTINGS` / :data:`PAPER_SETTINGS`).
-        samples, scales, temperature, outliers: of :func:`calibrate_posterior` (outliers:
-            choose the scale t for out-of-distribution detection).
+        samples, scales, temperature, outliers, predictive: of
+            :func:`calibrate_posterior` (outliers: choose the scale t for
+            out-of-distribution detection; predictive "probit": the closed-form predictive
+            of a Bayesian output layer, see :func:`bnnconvert.predict.set_predictive`).
         seed: seeds the curvature's targets, training and calibration.
         device, progress: where to run; tqdm bars.
         batch_format: how to read mapping batches and structured outputs
@@ -207,12 +211,15 @@ def fit_posterior(
                      seed, device, progress, fmt)  # fmt: skip
     else:
         start = time.perf_counter()
-        if method == "vi":
-            _fit_vi(model, train_data, report, task, prior_precision, epochs, kl_temperature,
-                    train_means, settings, seed, device, progress, fmt)  # fmt: skip
-        else:
-            train(model, train_data, epochs, settings or PAPER_SETTINGS, task=task, seed=seed,
-                  device=device, progress=progress, batch_format=fmt)  # fmt: skip
+        with _sampling(model):
+            if method == "vi":
+                _fit_vi(model, train_data, report, task, prior_precision, epochs,
+                        kl_temperature, train_means, settings, seed, device, progress,
+                        fmt)  # fmt: skip
+            else:
+                train(model, train_data, epochs, settings or PAPER_SETTINGS, task=task,
+                      seed=seed, device=device, progress=progress,
+                      batch_format=fmt)  # fmt: skip
         report.epochs = epochs
         report.seconds["fit"] = time.perf_counter() - start
     report.sigma_quantiles = _sigma_quantiles(model)
@@ -220,7 +227,7 @@ def fit_posterior(
         report.calibration = calibrate_posterior(
             model, val_data, task=task, samples=samples, scales=scales,
             temperature=temperature, seed=seed, device=device, batch_format=fmt,
-            outliers=outliers,
+            outliers=outliers, predictive=predictive,
         )  # fmt: skip
         report.seconds["calibration"] = report.calibration.seconds
     return report
@@ -301,6 +308,18 @@ def _fit_vi(model, data, report, task, prior_precision, epochs, kl_temperature, 
     with _only_rho_trains(model, not train_means):
         train(model, data, epochs, run, task=task, seed=seed, device=device, progress=progress,
               batch_format=fmt)  # fmt: skip
+
+
+@contextmanager
+def _sampling(model: nn.Module) -> Iterator[None]:
+    """Within the block the model predicts by Monte Carlo (the ELBO's forwards), then its
+    predictive (:func:`bnnconvert.predict.predictive_of`) is restored."""
+    before = predictive_of(model)
+    apply_predictive(model, "sample")
+    try:
+        yield
+    finally:
+        apply_predictive(model, before)
 
 
 @contextmanager

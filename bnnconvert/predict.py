@@ -26,12 +26,14 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 from tqdm.auto import tqdm
 
 from ._utils import (
     BatchFormat,
     Inputs,
     as_batch_format,
+    call_model,
     check_positive_int,
     chunk_inputs,
     eval_mode,
@@ -47,6 +49,7 @@ from .sampling import mc_outputs
 __all__ = [
     "AMP_DTYPES",
     "DEFAULT_SAMPLES",
+    "PREDICTIVES",
     "BatchFormat",
     "Prediction",
     "amp_autocast",
@@ -55,7 +58,9 @@ __all__ = [
     "predict",
     "predict_batches",
     "prediction_samples",
+    "predictive_of",
     "samples_of",
+    "set_predictive",
     "split_batch",
     "stream_predictions",
     "temperature_of",
@@ -319,19 +324,127 @@ DEFAULT_SAMPLES = 5
 def samples_of(model: nn.Module, default: int = DEFAULT_SAMPLES) -> int:
     """The S a calibrated model was calibrated with (``model.bnnconvert_info["samples"]``,
     stored by :func:`bnnconvert.calibrate_posterior`: its t and T were chosen for that
-    many draws), else ``default``."""
+    many draws), else ``default``; 1 for a model with the probit predictive
+    (:func:`set_predictive`)."""
+    if predictive_of(model) == "probit":
+        return 1
     info = getattr(model, INFO_ATTR, None)
     value = info.get("samples") if isinstance(info, dict) else None
     return int(value) if value is not None else default
 
 
 def prediction_samples(model: nn.Module, samples: int | None = None) -> int:
-    """S for a prediction of ``model``: 1 for a model without Bayesian layers (its samples
-    would be identical), else ``samples``, or when None the S it was calibrated with
-    (:func:`samples_of`)."""
-    if not any(True for _ in bayesian_layers(model)):
+    """S for a prediction of ``model``: 1 for a model without Bayesian layers, or whose
+    Bayesian layers all use the probit predictive (its samples would be identical), else
+    ``samples``, or when None the S it was calibrated with (:func:`samples_of`)."""
+    if not any(layer.draws_noise for _, layer in bayesian_layers(model)):
         return 1
     return samples_of(model) if samples is None else samples
+
+
+PREDICTIVES = ("sample", "probit")
+"""How a converted model predicts: "sample" (Monte Carlo: S forwards, each with its own
+weight draw) or "probit" (a Bayesian output layer returns the closed-form probit logits
+mean / sqrt(1 + pi/8 variance) of its Gaussian outputs; one forward, no random number)."""
+
+
+def predictive_of(model: nn.Module) -> str:
+    """The predictive of a converted model (:data:`PREDICTIVES`), stored in
+    ``model.bnnconvert_info["predictive"]`` by :func:`set_predictive`; "sample" if none."""
+    info = getattr(model, INFO_ATTR, None)
+    return str(info.get("predictive", "sample")) if isinstance(info, dict) else "sample"
+
+
+def set_predictive(
+    model: nn.Module,
+    predictive: str,
+    inputs: Inputs | None = None,
+    *,
+    batch_format: BatchFormat | None = None,
+) -> None:
+    """Make a converted model predict by Monte Carlo ("sample") or in closed form ("probit").
+
+    "probit" (MacKay, 1992; the predictive of laplace-torch's last-layer Laplace): the
+    model's only Bayesian layer, a Linear or convolution that produces the model's output
+    logits, returns mean / sqrt(1 + pi/8 variance) of its Gaussian outputs
+    (:meth:`bnnconvert.layers.BayesianLayer.output_moments`, exact for a diagonal
+    posterior); the softmax (sigmoid) of those logits approximates the posterior's expected
+    softmax (sigmoid), per item and class (or pixel), without sampling. A prediction is then
+    one forward (S = 1: the mutual information is 0, the entropy is that of the probit
+    predictive). The sigma scale t multiplies the standard deviations as before; the
+    temperature T divides the probit logits.
+
+    Args:
+        model: a model returned by :func:`bnnconvert.convert`.
+        predictive: one of :data:`PREDICTIVES`.
+        inputs: "probit": one input batch (N, ...) (or keyword inputs), run once at the
+            means to check that the Bayesian layer's output is the model's output (a
+            view or reshape of it counts; an operation after it does not).
+        batch_format: reads the logits of structured outputs (:class:`BatchFormat`).
+
+    The choice is stored in ``model.bnnconvert_info["predictive"]``, saved and loaded
+    with the model. Raises ValueError when the model does not fit the probit.
+    """
+    if predictive not in PREDICTIVES:
+        raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
+    layers = [layer for _, layer in bayesian_layers(model)]
+    if not layers or not isinstance(getattr(model, INFO_ATTR, None), dict):
+        raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
+    if predictive == "probit":
+        if inputs is None:
+            raise ValueError(
+                "predictive='probit' needs inputs=... (one input batch) to check that the "
+                "Bayesian layer produces the model's output"
+            )
+        _check_probit(model, layers, inputs, as_batch_format(batch_format))
+    apply_predictive(model, predictive)
+
+
+def apply_predictive(model: nn.Module, predictive: str) -> None:
+    """Set the mode of every Bayesian layer and the stored name, without the checks of
+    :func:`set_predictive` (for a model loaded with its stored predictive)."""
+    for _, layer in bayesian_layers(model):
+        layer.__dict__["bayes_probit"] = predictive == "probit"
+    getattr(model, INFO_ATTR)["predictive"] = predictive
+
+
+def _check_probit(model: nn.Module, layers: list, inputs: Inputs, fmt: BatchFormat) -> None:
+    """ValueError unless ``layers`` is one Linear/convolution, called once, whose output
+    is (a view of) the model's output."""
+    names = [name for name, _ in bayesian_layers(model)]
+    layer = layers[0]
+    if len(layers) > 1 or not isinstance(layer, (nn.Linear, _ConvNd)):
+        kinds = ", ".join(f"{n or 'model'} ({layer._bayes_base.__name__})" for n in names[:4])
+        raise ValueError(
+            "predictive='probit' needs exactly one Bayesian layer, a Linear or convolution "
+            f"producing the model's output (convert with bnnconvert.last_layer_masks); this "
+            f"model has {len(layers)}: {kinds}{', ...' if len(names) > 4 else ''}"
+        )
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        with eval_mode(model), torch.no_grad(), mean_weights(model):
+            out = fmt.output(call_model(model, move_inputs(inputs, model_device(model))))
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not _same_storage(seen[0], out):
+        where = "is called more than once" if len(seen) > 1 else "does not produce it"
+        raise ValueError(
+            f"predictive='probit' needs the Bayesian layer {names[0]!r} to produce the model's "
+            f"output logits, but it {where} (an operation after it, e.g. an activation or a "
+            "scaling, would not commute with the probit); use predictive='sample'"
+        )
+
+
+def _same_storage(a: object, b: object) -> bool:
+    """True if tensors ``a`` and ``b`` hold the same data (one a view of the other)."""
+    return (
+        isinstance(a, Tensor)
+        and isinstance(b, Tensor)
+        and a.numel() == b.numel()
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+    )
 
 
 def _check_activation(activation: str) -> None:

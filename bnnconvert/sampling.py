@@ -234,7 +234,7 @@ def _entry_current(entry: tuple[tuple, HoistPlan | None], model: nn.Module) -> b
 def _signature(model: nn.Module) -> tuple:
     """What a plan depends on: each submodule's identity, class, mode, sampling and hooks."""
     return tuple(
-        (id(m), type(m), m.training, getattr(m, "bayes_sampling", None), _has_hooks(m))
+        (id(m), type(m), m.training, getattr(m, "draws_noise", None), _has_hooks(m))
         for m in model.modules()
     )
 
@@ -343,7 +343,7 @@ def _bound(node: fx.Node, arg: str) -> object:
 def _module_is_stochastic(m: nn.Module) -> bool:
     """True if calling ``m`` may draw random numbers (itself or any descendant)."""
     return any(
-        (isinstance(sub, BayesianLayer) and sub.bayes_sampling)
+        (isinstance(sub, BayesianLayer) and sub.draws_noise)
         or isinstance(sub, BayesianOwner)
         or (sub.training and isinstance(sub, (_DropoutNd, nn.RReLU)))
         for sub in m.modules()

@@ -78,6 +78,7 @@ from ._utils import (
 from ._version import __version__
 from .convert import INFO_ATTR, bayes_summary, num_bayesian, to_deterministic
 from .layers import BayesianLayer, attach_owners, bayesian_layers, make_bayesian
+from .predict import PREDICTIVES, apply_predictive
 from .saliency import FORMAT as SALIENCY_FORMAT
 
 __all__ = [
@@ -672,6 +673,8 @@ def _rebuild(
         raise
     if payload.get("info") is not None:
         setattr(model, INFO_ATTR, dict(payload["info"]))
+        if payload["info"].get("predictive") in PREDICTIVES:
+            apply_predictive(model, payload["info"]["predictive"])
     model.eval()
     if deterministic:
         to_deterministic(model, inplace=True)

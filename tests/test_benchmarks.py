@@ -181,6 +181,24 @@ def test_posterior_study_outliers_task(tmp_path):
 
 
 @pytest.mark.integration
+def test_posterior_study_predictive_task(tmp_path):
+    """The study's predictive task (quick): the probit rows are calibrated without samples,
+    never worse than temperature scaling on the validation NLL (their t = 0 is temperature
+    scaling, the same closed-form NLL), at their means predict the checkpoint's classes, and
+    the report names the predictive the rule chose."""
+    rows = _study("predictive", tmp_path)
+    ts = rows["temperature scaling"]
+    for name in ("t by the validation NLL", "t by synthetic outliers"):
+        probit = rows[f"laplace, last layer, probit, {name}"]
+        assert probit["val_nll"] <= ts["val_nll"] + 1e-6
+        means = rows[f"laplace, last layer, probit, {name}, at its means"]
+        assert means["accuracy"] == ts["accuracy"]
+    assert 0.0 <= rows["laplace, last layer, probit, t by synthetic outliers"]["val_outlier_auroc"]
+    report = json.loads((tmp_path / "predictive.json").read_text())
+    assert report["default"] in rows and "probit" in str(report["paired_other"])
+
+
+@pytest.mark.integration
 def test_predict_memory_quick_run(tmp_path):
     """bench_predict_memory --quick: the two-stage 3-D UNet (bnnconvert.models.UNet with
     spatial_dims=3, base 8, depth 1) on 16^3 volumes, one forward row and one row per N."""

@@ -255,6 +255,42 @@ def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipe
     assert not (ws / "x.pt").exists()
 
 
+def test_convert_predictive_probit_matches_the_library_and_predicts_in_one_forward(ws, pipeline):
+    """convert --predictive probit: the library's probit calibration (the same t and T),
+    saved with the model, which then predicts with one forward; --samples beside it and
+    --predictive without --val-data are refused (exit 2, no file)."""
+    data = ws / "digits.npz"
+    args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
+            "laplace", "--last-layer", "--predictive", "probit", *BATCH]  # fmt: skip
+    out = _ok([*args, "-o", ws / "probit.pt"])
+    assert "probit predictive" in out
+    cli = load(ws / "probit.pt")
+    det = load(ws / "det.pt")
+    ref = convert(det, bnnconvert.last_layer_masks(det), None)
+    val = open_data(data, "val", batch_size=16)
+    report = bnnconvert.fit_posterior(
+        ref, open_data(data, "train", batch_size=16), val, predictive="probit"
+    )
+    info = cli.bnnconvert_info
+    assert info["predictive"] == "probit" == info["posterior"]["predictive"]
+    assert info["posterior"]["scale"] == report.calibration.scale
+    assert info["posterior"]["temperature"] == pytest.approx(
+        report.calibration.temperature, rel=1e-5
+    )
+    x = next(iter(val))[0]
+    pred = bnnconvert.predict(cli, x)
+    assert pred.num_samples == 1
+    torch.testing.assert_close(pred.probs, bnnconvert.predict(ref, x).probs)
+    no_val = [*args[:4], *args[6:]]  # without --val-data DATA
+    for bad_args, message in (
+        ([*args, "--samples", "5"], "--predictive probit draws no sample"),
+        (no_val, "--predictive needs --posterior and --val-data"),
+    ):
+        bad = CliRunner().invoke(main, [str(a) for a in [*bad_args, "-o", ws / "x.pt"]])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+        assert not (ws / "x.pt").exists()
+
+
 def test_include_and_exclude_choose_the_scored_parameters(ws, pipeline):
     """saliency/convert --include/--exclude: the scores and the Bayesian entries of exactly
     the chosen parameters, as the library's compute_saliency(include=, exclude=) gives."""

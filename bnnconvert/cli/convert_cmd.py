@@ -16,6 +16,7 @@ from ..convert import convert as convert_model
 from ..demo import Recipe
 from ..pipeline import convert_checkpoint
 from ..posterior import METHODS
+from ..predict import PREDICTIVES
 from ..saliency import CRITERIA, DATA_CRITERIA, FREE_CRITERIA, compute_saliency
 from .options import (
     cli_loader,
@@ -150,9 +151,17 @@ Examples:
 @click.option(
     "--samples",
     type=click.IntRange(1),
-    help="Monte Carlo samples per calibration step of --posterior. Default: "
-    f"{RECIPE.last_layer_samples} with --last-layer (its draws cost a classifier forward "
-    f"each), else {RECIPE.eval_samples}.",
+    help="Monte Carlo samples per calibration step of --posterior (and the saved model's "
+    f"default S). Default: {RECIPE.last_layer_samples} with --last-layer (its draws cost a "
+    f"classifier forward each), else {RECIPE.eval_samples}; none with --predictive probit.",
+)
+@click.option(
+    "--predictive",
+    type=click.Choice(list(PREDICTIVES)),
+    help="With --posterior and --val-data: sample (Monte Carlo, --samples draws per "
+    "prediction) or probit (closed form for a Bayesian last layer: one forward, no "
+    "sampling; needs --last-layer or a model whose only Bayesian layer produces its "
+    f"output). Default: {RECIPE.last_layer_predictive} with --last-layer, else sample.",
 )
 @click.option(
     "--posterior",
@@ -201,6 +210,7 @@ def convert(
     r_bayes: float | str | None,
     last_layer: bool,
     samples: int | None,
+    predictive: str | None,
     scope: str,
     prior_mu: float,
     prior_sigma: float,
@@ -241,8 +251,13 @@ def convert(
         raise click.UsageError(f"{needs[0]} needs --data (the training data)")
     if r_bayes == "auto" and val_data is None:
         raise click.UsageError("--r-bayes auto needs --val-data (the validation data)")
-    if outliers is not None and (posterior is None or val_data is None):
-        raise click.UsageError("--outliers needs --posterior and --val-data (it calibrates)")
+    for flag, value in (("--outliers", outliers), ("--predictive", predictive)):
+        if value is not None and (posterior is None or val_data is None):
+            raise click.UsageError(f"{flag} needs --posterior and --val-data (it calibrates)")
+    if predictive is None:
+        predictive = RECIPE.last_layer_predictive if last_layer else "sample"
+    if predictive == "probit" and samples is not None:
+        raise click.UsageError("--predictive probit draws no sample: leave out --samples")
     check_output_path(output)
     net = load_cli_model(model, o["arch"], o["arch_kwargs"], o["trust_pickle"])
     loader = loss_fn = None
@@ -250,9 +265,11 @@ def convert(
         shuffle = posterior in ("vi", "paper")
         loader, loss_fn = saliency_data(ctx, net, data, "train", True, o, shuffle=shuffle)
     val = None if val_data is None else cli_loader(val_data, val_split, False, o)
-    if samples is None:
+    if samples is None and predictive == "sample":
         samples = RECIPE.last_layer_samples if last_layer else RECIPE.eval_samples
     options = {"epochs": epochs, "seed": o["seed"], "samples": samples}
+    if val is not None:
+        options["predictive"] = predictive
     if outliers is not None:
         options["outliers"] = synthetic_outliers(_inputs_of(val), seed=o["seed"])
     pbnn = convert_checkpoint(
@@ -307,6 +324,7 @@ def describe_posterior(summary: dict[str, Any]) -> str:
         lines.append(
             f"calibrated on --val-data: scale t = {summary['scale']:.4g}, temperature T = "
             f"{summary['temperature']:.4g}, validation NLL {summary['val_nll']:.4f}"
+            + (", probit predictive" if summary.get("predictive") == "probit" else "")
         )
     if summary.get("outlier_auroc"):
         chosen = dict(map(tuple, summary["outlier_auroc"]))[summary["scale"]]
