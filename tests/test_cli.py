@@ -21,6 +21,7 @@ from bnnconvert import Saliency, compute_saliency, convert
 from bnnconvert.cli import main
 from bnnconvert.convert import num_bayesian
 from bnnconvert.data import open_data
+from bnnconvert.demo import Recipe
 from bnnconvert.layers import bayesian_layers
 from bnnconvert.losses import task_loss
 from bnnconvert.models import UNet, resnet18
@@ -256,12 +257,14 @@ def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipe
 
 
 def test_convert_predictive_probit_matches_the_library_and_predicts_in_one_forward(ws, pipeline):
-    """convert --predictive probit: the library's probit calibration (the same t and T),
-    saved with the model, which then predicts with one forward; --samples beside it and
-    --predictive without --val-data are refused (exit 2, no file)."""
+    """convert --last-layer: the probit predictive by default (the recipe's), the library's
+    probit calibration (the same t and T), saved with the model, which then predicts with
+    one forward; --samples beside --predictive probit and --predictive without --val-data
+    are refused (exit 2, no file)."""
+    assert Recipe().last_layer_predictive == "probit"
     data = ws / "digits.npz"
     args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
-            "laplace", "--last-layer", "--predictive", "probit", *BATCH]  # fmt: skip
+            "laplace", "--last-layer", *BATCH]  # fmt: skip
     out = _ok([*args, "-o", ws / "probit.pt"])
     assert "probit predictive" in out
     cli = load(ws / "probit.pt")
@@ -283,8 +286,8 @@ def test_convert_predictive_probit_matches_the_library_and_predicts_in_one_forwa
     torch.testing.assert_close(pred.probs, bnnconvert.predict(ref, x).probs)
     no_val = [*args[:4], *args[6:]]  # without --val-data DATA
     for bad_args, message in (
-        ([*args, "--samples", "5"], "--predictive probit draws no sample"),
-        (no_val, "--predictive needs --posterior and --val-data"),
+        ([*args, "--predictive", "probit", "--samples", "5"], "--predictive probit draws no"),
+        ([*no_val, "--predictive", "probit"], "--predictive needs --posterior and --val-data"),
     ):
         bad = CliRunner().invoke(main, [str(a) for a in [*bad_args, "-o", ws / "x.pt"]])
         assert bad.exit_code == 2 and message in bad.output, bad.output

@@ -143,6 +143,14 @@ def test_parameters_and_costs_follow_the_recipe(cli_run):
         recipe_samples = RECIPE.samples(task)
         if selection == "grad2":
             assert rows[NAME[kind]]["inference_flops_x"] == pytest.approx(recipe_samples, rel=0.02)
+        elif RECIPE.predictive(task) == "probit":
+            # one forward, the classifier once more on x^2 (the variance), and per item
+            # x^2 (N x in), per entry softplus, scale and square, per logit 4 (the probit)
+            n, cin, cout = batch[0], last.in_features, last.out_features
+            extra = n * cin * cout + n * cin + 3 * selected + 4 * n * cout
+            assert rows[NAME[kind]]["inference_flops_x"] == pytest.approx(
+                (forward + extra) / forward, rel=1e-9
+            )
         else:
             head = (recipe_samples - 1) * batch[0] * last.in_features * last.out_features
             expected = (forward + head + recipe_samples * 5 * selected) / forward
@@ -229,10 +237,17 @@ def test_recipe_rejects_unknown_choices():
 
 def test_recipe_samples_follow_the_selection():
     """Many draws where they cost a classifier forward (the last layer), eval_samples where
-    every draw runs the whole network (grad2)."""
+    every draw runs the whole network (grad2); the probit predictive (last layer only)
+    draws none."""
     own = Recipe(selection="last layer", seg_selection="grad2", eval_samples=7,
-                 last_layer_samples=40)  # fmt: skip
+                 last_layer_samples=40, last_layer_predictive="sample")  # fmt: skip
     assert own.samples("multiclass") == 40 and own.samples("segmentation") == 7
     swapped = Recipe(selection="grad2", seg_selection="last layer", eval_samples=7,
-                     last_layer_samples=40)  # fmt: skip
+                     last_layer_samples=40, last_layer_predictive="sample")  # fmt: skip
     assert swapped.samples("multiclass") == 7 and swapped.samples("segmentation") == 40
+    probit = Recipe(selection="last layer", seg_selection="grad2", eval_samples=7,
+                    last_layer_predictive="probit")  # fmt: skip
+    assert probit.predictive("multiclass") == "probit" and probit.samples("multiclass") == 1
+    assert probit.predictive("segmentation") == "sample" and probit.samples("segmentation") == 7
+    with pytest.raises(ValueError, match="last_layer_predictive"):
+        Recipe(last_layer_predictive="laplace")

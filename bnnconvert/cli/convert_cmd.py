@@ -152,8 +152,9 @@ Examples:
     "--samples",
     type=click.IntRange(1),
     help="Monte Carlo samples per calibration step of --posterior (and the saved model's "
-    f"default S). Default: {RECIPE.last_layer_samples} with --last-layer (its draws cost a "
-    f"classifier forward each), else {RECIPE.eval_samples}; none with --predictive probit.",
+    "default S). Default: none with --predictive probit; "
+    f"{RECIPE.last_layer_samples} with --last-layer --predictive sample (its draws cost a "
+    f"classifier forward each), else {RECIPE.eval_samples}.",
 )
 @click.option(
     "--predictive",
@@ -161,7 +162,8 @@ Examples:
     help="With --posterior and --val-data: sample (Monte Carlo, --samples draws per "
     "prediction) or probit (closed form for a Bayesian last layer: one forward, no "
     "sampling; needs --last-layer or a model whose only Bayesian layer produces its "
-    f"output). Default: {RECIPE.last_layer_predictive} with --last-layer, else sample.",
+    f"output). Default: {RECIPE.last_layer_predictive} with --last-layer unless --samples "
+    "is given, else sample.",
 )
 @click.option(
     "--posterior",
@@ -254,8 +256,9 @@ def convert(
     for flag, value in (("--outliers", outliers), ("--predictive", predictive)):
         if value is not None and (posterior is None or val_data is None):
             raise click.UsageError(f"{flag} needs --posterior and --val-data (it calibrates)")
-    if predictive is None:
-        predictive = RECIPE.last_layer_predictive if last_layer else "sample"
+    if predictive is None:  # --samples asks for Monte Carlo
+        last = RECIPE.last_layer_predictive if last_layer else "sample"
+        predictive = "sample" if samples is not None else last
     if predictive == "probit" and samples is not None:
         raise click.UsageError("--predictive probit draws no sample: leave out --samples")
     check_output_path(output)
