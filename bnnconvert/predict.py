@@ -388,8 +388,14 @@ def set_predictive(
     if predictive not in PREDICTIVES:
         raise ValueError(f"predictive must be one of {PREDICTIVES}, got {predictive!r}")
     layers = [layer for _, layer in bayesian_layers(model)]
-    if not layers or not isinstance(getattr(model, INFO_ATTR, None), dict):
+    if not layers:
         raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
+    if not isinstance(getattr(model, INFO_ATTR, None), dict):
+        raise ValueError(
+            f"{type(model).__name__} carries no {INFO_ATTR} to store the predictive in: pass "
+            "the model bnnconvert.convert() returned (for a wrapper such as "
+            "DistributedDataParallel, its .module)"
+        )
     if predictive == "probit":
         if inputs is None:
             raise ValueError(

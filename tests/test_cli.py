@@ -225,6 +225,19 @@ def test_convert_last_layer_is_the_classification_recipe(ws, pipeline):
     assert not (ws / "x.pt").exists()
 
 
+def _library_last_layer(ws, **options):
+    """The library's version of convert --last-layer --posterior laplace on the workspace's
+    digits: (the converted checkpoint, its PosteriorReport)."""
+    det = load(ws / "det.pt")
+    ref = convert(det, bnnconvert.last_layer_masks(det), None)
+    data = ws / "digits.npz"
+    train_data = open_data(data, "train", batch_size=16)
+    report = bnnconvert.fit_posterior(
+        ref, train_data, open_data(data, "val", batch_size=16), **options
+    )
+    return ref, report
+
+
 def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipeline):
     """convert --outliers synthetic: the scale and temperature of the library's calibration
     with synthetic_outliers of the validation inputs (the same numbers), saved with the
@@ -236,13 +249,9 @@ def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipe
     out = _ok([*args, "-o", ws / "ood.pt"])
     assert "scale chosen for OOD detection: outlier AUROC" in out
     cli = load(ws / "ood.pt")
-    det = load(ws / "det.pt")
-    ref = convert(det, bnnconvert.last_layer_masks(det), None)
     val = open_data(data, "val", batch_size=16)
     outliers = bnnconvert.synthetic_outliers(torch.cat([x for x, _ in val]), seed=0)
-    report = bnnconvert.fit_posterior(
-        ref, open_data(data, "train", batch_size=16), val, samples=20, outliers=outliers
-    )
+    _, report = _library_last_layer(ws, samples=20, outliers=outliers)
     info = cli.bnnconvert_info["posterior"]
     assert info["objective"] == "outliers" == report.calibration.objective
     assert info["scale"] == report.calibration.scale
@@ -268,19 +277,14 @@ def test_convert_predictive_probit_matches_the_library_and_predicts_in_one_forwa
     out = _ok([*args, "-o", ws / "probit.pt"])
     assert "probit predictive" in out
     cli = load(ws / "probit.pt")
-    det = load(ws / "det.pt")
-    ref = convert(det, bnnconvert.last_layer_masks(det), None)
-    val = open_data(data, "val", batch_size=16)
-    report = bnnconvert.fit_posterior(
-        ref, open_data(data, "train", batch_size=16), val, predictive="probit"
-    )
+    ref, report = _library_last_layer(ws, predictive="probit")
     info = cli.bnnconvert_info
     assert info["predictive"] == "probit" == info["posterior"]["predictive"]
     assert info["posterior"]["scale"] == report.calibration.scale
     assert info["posterior"]["temperature"] == pytest.approx(
         report.calibration.temperature, rel=1e-5
     )
-    x = next(iter(val))[0]
+    x = next(iter(open_data(data, "val", batch_size=16)))[0]
     pred = bnnconvert.predict(cli, x)
     assert pred.num_samples == 1
     torch.testing.assert_close(pred.probs, bnnconvert.predict(ref, x).probs)

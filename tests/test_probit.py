@@ -186,6 +186,9 @@ def test_set_predictive_refuses_what_the_probit_does_not_fit():
         bnnconvert.set_predictive(_probit_model(), "laplace", x)
     with pytest.raises(ValueError, match="no Bayesian entry"):
         bnnconvert.set_predictive(nn.Linear(2, 2), "sample")
+    wrapped = nn.Sequential(_probit_model())  # a wrapper without the converted model's info
+    with pytest.raises(ValueError, match=r"carries no bnnconvert_info.*\.module"):
+        bnnconvert.set_predictive(wrapped, "probit", x)
 
 
 def _synthetic_probit_data(t_true: float, n: int, seed: int):
