@@ -17,7 +17,9 @@ the last layer, Gaussian per class with mean f W^T + b and variance (f^2) (t sig
 For each, t is chosen on validation data by two rules: the lowest validation NLL (T fitted
 at every t), and "outliers" (among the t no worse than t = 0 on validation NLL, the best
 entropy AUROC of validation digits against :func:`bnnconvert.synthetic_outliers`). The
-test split, the photographs and the UCI digits are only evaluated. t = 0 with T is
+test split, the photographs and the UCI digits are only evaluated, except by a third
+"rule" that is a ceiling, not a method: the t with the lowest *test* NLL in hindsight,
+which bounds what any choice of t could reach on the test NLL. t = 0 with T is
 temperature scaling.
 
     python benchmarks/last_layer_predictives.py --seeds 0 1 2
@@ -46,6 +48,9 @@ SCALES = (0.0, 0.0625, 0.125, 0.25, 0.354, 0.5, 0.707, 1.0, 1.41, 2.0, 2.83, 4.0
 SAMPLES = 300
 SETS = ("val", "test", "ood", "near", "syn")
 PREDICTIVES = ("mc", "mc, pool then calibrate", "probit")
+HINDSIGHT = "the test NLL (hindsight)"
+"""A rule that is not a method: t with the lowest test NLL (T still fitted on validation
+at each t), to bound the test NLL any choice of t could reach."""
 
 
 def features(model: nn.Module, x: Tensor) -> Tensor:
@@ -134,6 +139,8 @@ def seed_curves(seed: int, sets, folder: Path) -> dict:
 def choose(rows: list[dict], rule: str) -> dict:
     if rule == "validation NLL":
         return min(rows, key=lambda r: r["val_nll"])
+    if rule == HINDSIGHT:  # a ceiling, not a method: it looks at the test split
+        return min(rows, key=lambda r: r["nll"])
     reference = rows[0]["val_nll"]  # t = 0
     admissible = [r for r in rows if r["val_nll"] <= reference]
     return max(admissible, key=lambda r: (r["val_outlier_auroc"], -r["t"]))
@@ -153,7 +160,7 @@ def main() -> None:
         curves = seed_curves(seed, sets, folder)
         chosen = {"temperature scaling": curves["probit"][0]}  # t = 0: the checkpoint + T
         for kind in PREDICTIVES:
-            for rule in ("validation NLL", "outliers"):
+            for rule in ("validation NLL", "outliers", HINDSIGHT):
                 chosen[f"{kind}, t by {rule}"] = choose(curves[kind], rule)
         seeds.append({"seed": seed, "results": {k: {m: v for m, v in r.items() if m != "items"}
                                                 for k, r in chosen.items()},
