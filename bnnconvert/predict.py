@@ -579,7 +579,9 @@ def predict(
     Bayesian layers keep sampling), then restores every module's training flag. A model
     calibrated by :func:`bnnconvert.calibrate_posterior` predicts with its stored
     temperature T (probabilities of outputs / T; ``activation="none"`` returns the raw
-    outputs). A deterministic model gives S identical samples (mutual information 0). Each
+    outputs). A deterministic model gives S identical samples (mutual information 0), and
+    so does a model with the closed-form probit predictive (:func:`set_predictive`), whose
+    default S is 1: one forward, the entropy that of the probit predictive. Each
     forward draws one weight sample for its whole batch: the items of a batch share their
     S draws, so smaller batches give more independent draws (for the same FLOPs). The
     result is reproducible under ``torch.manual_seed`` (note that iterating a DataLoader
