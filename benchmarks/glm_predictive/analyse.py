@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # posterior_study, beside this folder
+import last_layer_predictives as llp
 import numpy as np
 import posterior_study as ps
 import torch
@@ -36,16 +37,6 @@ def outputs(kind, c, t, part):
         return (f / (1 + math.pi / 8 * t**2 * var[SL[part]].double()).sqrt())[None]
     noise = c["jd_grad2"] if kind.startswith("grad2") else c["noise_last"]
     return f[None] + t * noise[:, SL[part]].double()
-
-
-def golden(nll, low=0.01, high=100.0):
-    """Golden-section search of T in [low, high] (log scale)."""
-    a, b = math.log(low), math.log(high)
-    g = (math.sqrt(5) - 1) / 2
-    for _ in range(50):
-        c, d = b - g * (b - a), a + g * (b - a)
-        a, b = (a, d) if nll(math.exp(c)) < nll(math.exp(d)) else (c, b)
-    return math.exp((a + b) / 2)
 
 
 def prediction(z, T):
@@ -93,7 +84,11 @@ def main():
                 zv = outputs(kind, c, t, "val")
                 T = fit_temperature(zv, yv, warn=False)
                 vn = float(predictive_nll(zv, yv, temperature=T))
-                Tg = golden(lambda u, zv=zv, yv=yv: float(predictive_nll(zv, yv, temperature=u)))
+                Tg = llp.fit_temperature(
+                    lambda u, zv=zv, yv=yv: float(predictive_nll(zv, yv, temperature=u)),
+                    0.01,
+                    100.0,
+                )
                 vg = float(predictive_nll(zv, yv, temperature=Tg))
                 if vg < vn - 1e-9:  # LBFGS from T = 1 can stop in a poor local optimum (MC)
                     T, vn = Tg, vg
