@@ -66,6 +66,7 @@ from ._utils import (
     eval_mode,
     move_inputs,
 )
+from .kronecker import augment
 from .layers import (
     PARAM_NAMES,
     PARAMETER_KINDS,
@@ -77,8 +78,10 @@ from .layers import (
 __all__ = [
     "LIKELIHOODS",
     "Curvature",
+    "KroneckerCurvature",
     "diagonal_ggn",
     "fit_prior_precision",
+    "kronecker_ggn",
     "laplace_sigma",
     "likelihood_of_task",
     "log_marginal_likelihood",
@@ -193,6 +196,67 @@ def diagonal_ggn(
     if count == 0:
         raise ValueError("the data yielded no batch; pass a non-empty iterable of batches")
     return Curvature(engine.result(), count, likelihood, method, time.perf_counter() - start)
+
+
+@dataclass
+class KroneckerCurvature:
+    """The Kronecker factors of the GGN of Linear layers (see :mod:`bnnconvert.kronecker`).
+
+    Attributes:
+        factors: {layer name: (A (P, P), B (C, C))}: A the mean of phi~ phi~^T over the
+            examples (phi~ the layer's input with a 1 appended if it has a bias), B the sum
+            over the examples of the GGN of the NLL in the layer's output.
+        num_data, likelihood, method, seconds: as in :class:`Curvature`.
+    """
+
+    factors: dict[str, tuple[Tensor, Tensor]]
+    num_data: int
+    likelihood: str
+    method: str
+    seconds: float = math.nan
+
+
+def kronecker_ggn(
+    model: nn.Module,
+    data: Iterable,
+    layers: Iterable[str],
+    *,
+    likelihood: str = "categorical",
+    method: str = "exact",
+    mc_samples: int = 1,
+    noise_std: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    batch_format: BatchFormat | None = None,
+) -> KroneckerCurvature:
+    """The K-FAC factors of the GGN of the NLL over ``data`` for the named Linear layers.
+
+    One forward per batch (hooks keep each layer's input) and one backward per residual of
+    :func:`diagonal_ggn` ("exact": C columns of a square root of the output Hessian, so B
+    is exact for the last layer; "mc": ``mc_samples`` drawn targets). Each layer must take
+    (N, in_features) inputs and be called once per forward. Arguments as for
+    :func:`diagonal_ggn`; ``layers``: module names (of Linear layers, converted or not).
+
+    Returns a :class:`KroneckerCurvature` (float64 factors on the model's device).
+    """
+    _check(likelihood, method, mc_samples, noise_std)
+    fmt = as_batch_format(batch_format)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    engine = _KroneckerEngine(model, list(layers), fmt)
+    start = time.perf_counter()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    count = 0
+    with _frozen(model), eval_mode(model), mean_weights(model):
+        for batch in tqdm(data, desc="curvature", unit="batch", disable=not progress):
+            x, _ = fmt.split(batch)
+            x = move_inputs(x, device)
+            count += batch_length(x)
+            engine.accumulate(x, likelihood, method, mc_samples, noise_std, generator)
+    if count == 0:
+        raise ValueError("the data yielded no batch; pass a non-empty iterable of batches")
+    factors = {name: (a / count, b) for name, (a, b) in engine.kron.items()}
+    return KroneckerCurvature(factors, count, likelihood, method, time.perf_counter() - start)
 
 
 def _check(likelihood: str, method: str, mc_samples: int, noise_std: float) -> None:
@@ -429,6 +493,54 @@ class _TapEngine:
             g = per_example(theta, x, r.to(out.dtype))
             for name, acc in self.acc.items():
                 _add_squares(acc, g[name].float().reshape(batch_length(x), -1), self.index[name])
+
+
+class _KroneckerEngine(_TapEngine):
+    """The tap engine accumulating sum phi~ phi~^T and sum g g^T per Linear layer."""
+
+    def __init__(self, model: nn.Module, layers: list[str], fmt: BatchFormat) -> None:
+        modules = dict(model.named_modules())
+        for name in layers:
+            module = modules.get(name)
+            if not isinstance(module, nn.Linear):
+                kind = "no module" if module is None else f"a {type(module).__name__}"
+                raise ValueError(
+                    f"{name!r} is {kind}; a Kronecker-factored GGN needs Linear layers"
+                )
+        if not layers:
+            raise ValueError("layers is empty; name at least one Linear layer")
+        super().__init__(model, {f"{name}.weight": None for name in layers}, fmt)
+        self.kron: dict[str, list[Tensor]] = {}
+        self._seen: dict[str, Tensor] = {}
+        for name, module in self.modules.items():
+            width = module.in_features + (module.bias is not None)
+            dev = module.weight.device
+            self.kron[name] = [
+                torch.zeros(width, width, device=dev, dtype=torch.float64),
+                torch.zeros(module.out_features, module.out_features, device=dev,
+                            dtype=torch.float64),
+            ]  # fmt: skip
+
+    def _add(self, layer: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
+        if a.dim() != 2:
+            raise ValueError(
+                f"{layer!r} receives inputs of shape {tuple(a.shape)}; a Kronecker-factored "
+                "GGN needs (N, in_features) inputs (a classifier's last layer); use "
+                "covariance='diagonal'"
+            )
+        acc_a, acc_b = self.kron[layer]
+        if self._seen.get(layer) is not a:  # A once per batch, B once per residual
+            self._seen[layer] = a
+            phi = augment(a.double(), module.bias is not None)
+            acc_a += phi.T @ phi
+        g = g.double()
+        acc_b += g.T @ g
+
+    def _per_example_func(self, *args) -> None:
+        raise ValueError(
+            "a Kronecker-factored GGN needs each layer called once per forward (no weight "
+            "sharing); use covariance='diagonal'"
+        )
 
 
 def _bias_gradients(module: nn.Module, g: Tensor) -> Tensor:

@@ -195,6 +195,12 @@ def elbo_loss(
             "the ELBO needs Monte Carlo samples, but the model predicts with the probit "
             "predictive: call bnnconvert.set_predictive(model, 'sample') before training"
         )
+    if any(m.is_kronecker for _, m in bayesian_layers(model)):
+        raise ValueError(
+            "the ELBO trains rho, but a Kronecker-factored posterior (fit_posterior(..., "
+            "covariance='kron')) draws from its fixed factors: convert the model again for "
+            "ELBO training"
+        )
     fmt = as_batch_format(batch_format)
     loss_fn = loss_fn or default_loss
     outputs = mc_samples(model, inputs, samples)

@@ -62,6 +62,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
+from . import kronecker
+
 __all__ = [
     "DEFAULT_INCLUDE",
     "PARAMETER_KINDS",
@@ -358,6 +360,8 @@ class BayesianLayer:
                 f"{self._bayes_base.__name__} has no closed-form output variance; only Linear "
                 "and convolution layers do"
             )
+        if self.is_kronecker:
+            return self._kronecker_moments(x)
         base = super()
         mean = base.forward(x, *args, **kwargs)
         swapped = {}
@@ -374,6 +378,72 @@ class BayesianLayer:
         finally:
             self._parameters.update(swapped)
         return mean, variance
+
+    def _kronecker_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`output_moments` of a Kronecker-factored posterior (a Linear layer)."""
+        mean = super().forward(x)
+        qa, qb, var = (self._buffers[k] for k in kronecker.KRONECKER_BUFFERS)
+        phi = kronecker.augment(x, "bias" in self.bayes_names)
+        variance = kronecker.output_variance(phi, qa, qb, var, self._buffers["bayes_scale"])
+        return mean, variance.to(mean.dtype).view(mean.shape)
+
+    # ----------------------------------------------------------------- Kronecker
+    @property
+    def is_kronecker(self) -> bool:
+        """True if the layer's posterior is Kronecker-factored (:mod:`bnnconvert.kronecker`)."""
+        return "kron_var" in self._buffers
+
+    def set_kronecker_posterior(self, qa: Tensor, qb: Tensor, var: Tensor) -> None:
+        """Give this Linear layer the Kronecker-factored posterior (Q_A (P, P), Q_B (C, C),
+        V (C, P)) of :mod:`bnnconvert.kronecker`; rho becomes the marginal sigma (t = 1).
+
+        Raises ValueError unless the layer is a Linear whose every weight entry, and every
+        bias entry if it has a bias, is Bayesian.
+        """
+        self._check_kronecker()
+        mu = self._parameters["weight"]
+        shapes = {"kron_qa": (self._kron_width(),) * 2, "kron_qb": (mu.shape[0],) * 2,
+                  "kron_var": (mu.shape[0], self._kron_width())}  # fmt: skip
+        for key, value in zip(kronecker.KRONECKER_BUFFERS, (qa, qb, var)):
+            if tuple(value.shape) != shapes[key]:
+                raise ValueError(f"{key} must have shape {shapes[key]}, got {tuple(value.shape)}")
+            dtype = torch.promote_types(mu.dtype, torch.float32)  # float32 or wider
+            self.register_buffer(key, value.detach().to(mu.device, dtype).clone())
+        sigma = kronecker.marginal_variance(qa.double(), qb.double(), var.double()).sqrt()
+        with torch.no_grad():
+            self.bayes_rho("weight").copy_(softplus_inverse(sigma[:, : mu.shape[1]]).reshape(-1))
+            if "bias" in self.bayes_names:
+                self.bayes_rho("bias").copy_(softplus_inverse(sigma[:, -1]))
+
+    def _check_kronecker(self) -> None:
+        problem = None
+        if not isinstance(self, nn.Linear):
+            problem = f"it is a {self._bayes_base.__name__}, not a Linear layer"
+        elif "weight" not in self.bayes_names or not self.is_dense("weight"):
+            problem = "not every entry of its weight is Bayesian"
+        elif self.bias is not None and not ("bias" in self.bayes_names and self.is_dense("bias")):
+            problem = "not every entry of its bias is Bayesian"
+        if problem:
+            raise ValueError(
+                f"a Kronecker-factored posterior needs a Linear layer whose every weight and "
+                f"bias entry is Bayesian, but {problem}; convert the layer whole (e.g. "
+                "`bnnconvert convert --last-layer`, bnnconvert.last_layer_masks) or use "
+                "covariance='diagonal'"
+            )
+
+    def _kron_width(self) -> int:
+        """P: in_features, plus 1 if the layer has a Bayesian bias."""
+        return self._parameters["weight"].shape[1] + ("bias" in self.bayes_names)
+
+    def kronecker_sample(self) -> dict[str, Tensor]:
+        """One joint posterior draw {"weight": (C, in), "bias": (C,)} of a Kronecker layer."""
+        mu = self._parameters["weight"]
+        qa, qb, var = (self._buffers[k] for k in kronecker.KRONECKER_BUFFERS)
+        delta = kronecker.draw(qa, qb, var, self._buffers["bayes_scale"]).to(mu.dtype)
+        draws = {"weight": mu + delta[:, : mu.shape[1]]}
+        if "bias" in self.bayes_names:
+            draws["bias"] = self._parameters["bias"] + delta[:, -1]
+        return draws
 
     def _dense_variance(self, name: str) -> Tensor:
         """(t sigma)^2 of ``name`` at its Bayesian entries, 0 elsewhere, shape of the
@@ -558,8 +628,12 @@ class BayesianLayer:
         """Adopt the selection stored in ``state_dict``: rho and idx are resized to the
         checkpoint's k before loading, so a model converted with other masks loads it.
         Indices of another integer dtype (int64 checkpoints) are checked and converted.
-        Checkpoints written before the sigma scale existed load with t = 1."""
+        Checkpoints written before the sigma scale existed load with t = 1. A stored
+        Kronecker-factored posterior (``kron_*`` buffers) is adopted too."""
         state_dict.setdefault(prefix + "bayes_scale", torch.ones(()))
+        if prefix + "kron_var" in state_dict:
+            stored = {k: state_dict.get(prefix + k) for k in kronecker.KRONECKER_BUFFERS}
+            expect_kronecker(self, stored)
         for name in self.bayes_names:
             for key, store in ((f"{name}_rho", self._parameters), (f"{name}_idx", self._buffers)):
                 saved = state_dict.get(prefix + key)
@@ -591,7 +665,7 @@ class BayesianLayer:
         counts = ", ".join(
             f"{n}: {self.bayes_rho(n).numel()}/{self._parameters[n].numel()}"
             for n in self.bayes_names
-        )
+        ) + (", kronecker" if self.is_kronecker else "")
         return f"{base}, bayes=({counts})" if base else f"bayes=({counts})"
 
 
@@ -605,6 +679,19 @@ class BayesianOwner:
             return super().forward(*args, **kwargs)
         finally:
             _restore(saved)
+
+
+def expect_kronecker(layer: BayesianLayer, stored: Mapping[str, Tensor | None]) -> None:
+    """Register empty ``kron_*`` buffers of the stored shapes on ``layer`` (before a
+    state_dict holding a Kronecker-factored posterior is loaded into it)."""
+    if any(value is None for value in stored.values()):
+        missing = [k for k, v in stored.items() if v is None]
+        raise ValueError(f"the stored Kronecker posterior lacks {missing}; the file is damaged")
+    layer._check_kronecker()
+    device = layer._parameters["weight"].device
+    for key, value in stored.items():
+        if key not in layer._buffers or layer._buffers[key].shape != value.shape:
+            layer.register_buffer(key, torch.empty(value.shape, dtype=value.dtype, device=device))
 
 
 def gaussian_kl(mu: Tensor, sigma: Tensor, prior_mu: Tensor, prior_sigma: Tensor) -> Tensor:
@@ -665,6 +752,11 @@ def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> _Saved:
             swapped, perturbed = {}, {}
             saved.append((layer, swapped, perturbed))
             layer.__dict__["_bayes_active"] = True  # not nn.Module.__setattr__: per forward
+            if layer.is_kronecker:  # one joint draw of weight and bias
+                for name, sample in layer.kronecker_sample().items():
+                    swapped[name] = layer._parameters[name]
+                    layer._parameters[name] = sample
+                continue
             for name in layer.bayes_names:  # one draw per tensor, in this order either way
                 if layer.perturbs_in_place(name):
                     perturbed[name] = layer._perturb(name)
@@ -813,6 +905,8 @@ def make_deterministic(module: nn.Module) -> nn.Module:
             del module._buffers[f"{name}_idx"]
         del module._buffers["bayes_prior"]
         del module._buffers["bayes_scale"]
+        for key in kronecker.KRONECKER_BUFFERS:
+            module._buffers.pop(key, None)
         for attr in ("bayes_names", "bayes_sampling", "bayes_probit", "_bayes_active",
                      "_bayes_cache"):  # fmt: skip
             module.__dict__.pop(attr, None)

@@ -144,6 +144,7 @@ def posterior_summary(report: PosteriorReport, sweep=None) -> dict[str, Any]:
     info and saved with it."""
     summary: dict[str, Any] = {
         "method": report.method,
+        "covariance": report.covariance,
         "num_bayesian": report.num_bayesian,
         "prior_precision": report.prior_precision,
         "epochs": report.epochs,

@@ -8,7 +8,11 @@ training data, by one of:
   trained weights, sigma_i^2 = 1 / (H_ii + lambda), with H the GGN diagonal of the NLL
   summed over the training data (:func:`bnnconvert.curvature.diagonal_ggn`) and lambda,
   the precision of the prior N(0, 1 / lambda), maximising the Laplace marginal likelihood
-  (:func:`bnnconvert.curvature.fit_prior_precision`) or given;
+  (:func:`bnnconvert.curvature.fit_prior_precision`) or given. With
+  ``covariance="kron"`` the posterior of each (fully Bayesian) Linear layer is instead
+  Kronecker-factored, precision N B kron A + lambda I (:mod:`bnnconvert.kronecker`,
+  :func:`bnnconvert.curvature.kronecker_ggn`), lambda by the same evidence with the
+  Kronecker eigenvalues;
 - ``"vi"``: ELBO fine-tuning that learns sigma: the textbook KL (summed over the entries)
   divided by the number of training examples and multiplied by a temperature, a prior
   N(0, 1 / lambda) fitted to the scale of the selected weights, and Adam on rho (SGD's step
@@ -55,10 +59,12 @@ from .convert import convert
 from .curvature import (
     diagonal_ggn,
     fit_prior_precision,
+    kronecker_ggn,
     laplace_sigma,
     likelihood_of_task,
     log_marginal_likelihood,
 )
+from .kronecker import eigenbases
 from .layers import bayesian_layers, bayesian_masks, set_sigma_scale, softplus_inverse
 from .losses import data_task
 from .predict import apply_predictive, predictive_of
@@ -66,6 +72,7 @@ from .saliency import Saliency
 from .training import TrainSettings, train
 
 __all__ = [  # the calibration's names are re-exported: one import for step 4
+    "COVARIANCES",
     "DEFAULT_R_GRID",
     "DEFAULT_SCALES",
     "MAX_TEMPERATURE",
@@ -83,6 +90,10 @@ __all__ = [  # the calibration's names are re-exported: one import for step 4
 log = logging.getLogger(__name__)
 
 METHODS = ("laplace", "vi", "paper")
+
+COVARIANCES = ("diagonal", "kron")
+"""The posterior structures of ``method="laplace"``: one sigma per entry, or a
+Kronecker-factored covariance per fully Bayesian Linear layer."""
 
 DEFAULT_R_GRID = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 """The r_bayes tried by :func:`select_r_bayes` (0.1 % to 20 %)."""
@@ -103,6 +114,7 @@ class PosteriorReport:
 
     Attributes:
         method: "laplace", "vi" or "paper".
+        covariance: "diagonal" or "kron" (see :data:`COVARIANCES`).
         num_bayesian: k, the number of Bayesian entries.
         prior_precision: lambda of the prior N(0, 1 / lambda) ("laplace", "vi").
         log_marginal_likelihood: of the Laplace fit at lambda, without log p(D | theta).
@@ -121,9 +133,11 @@ class PosteriorReport:
     sigma_quantiles: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: Calibration | None = None
+    covariance: str = "diagonal"
 
     def __str__(self) -> str:
-        lines = [f"posterior: {self.method}, {self.num_bayesian:,} Bayesian entries"]
+        kind = "" if self.covariance == "diagonal" else f" ({self.covariance} covariance)"
+        lines = [f"posterior: {self.method}{kind}, {self.num_bayesian:,} Bayesian entries"]
         if self.prior_precision is not None:
             lines.append(f"prior precision lambda: {self.prior_precision:.4g}")
         if self.epochs:
@@ -146,7 +160,8 @@ def fit_posterior(
     method: str = "laplace",
     task: str | None = None,
     prior_precision: float | str = "marglik",
-    curvature: str = "mc",
+    covariance: str = "diagonal",
+    curvature: str | None = None,
     mc_samples: int = 1,
     epochs: int = 1,
     kl_temperature: float = 1.0,
@@ -175,8 +190,12 @@ def fit_posterior(
         prior_precision: "marglik" or a number lambda > 0. "laplace": the marginal
             likelihood's lambda; "vi": "marglik" fits the prior to the weights' scale,
             lambda = k / |theta|^2 (the evidence's optimum when the data constrain nothing).
-        curvature, mc_samples: the GGN estimator of
-            :func:`~bnnconvert.curvature.diagonal_ggn` ("mc" or "exact"), "laplace" only.
+        covariance: "diagonal" or "kron" ("laplace" only; "kron" needs every Bayesian
+            layer to be a Linear whose every entry is Bayesian, e.g. ``--last-layer``).
+        curvature, mc_samples: the GGN estimator ("mc" or "exact") of
+            :func:`~bnnconvert.curvature.diagonal_ggn` /
+            :func:`~bnnconvert.curvature.kronecker_ggn`, "laplace" only. Default: "mc" for
+            the diagonal, "exact" for "kron".
         epochs: training epochs ("vi", "paper").
         kl_temperature: "vi": the KL's weight relative to the textbook ELBO (beta =
             kl_temperature / N_train); 1 is the Bayesian posterior.
@@ -196,6 +215,10 @@ def fit_posterior(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
+    if covariance != "diagonal" and method != "laplace":
+        raise ValueError(f"covariance={covariance!r} needs method='laplace', got {method!r}")
     _check_prior_precision(prior_precision)
     fmt = as_batch_format(batch_format)
     layers = list(bayesian_layers(model))
@@ -203,12 +226,16 @@ def fit_posterior(
         raise ValueError("the model has no Bayesian entry; convert it with bnnconvert.convert()")
     task = task or data_task(train_data) or "multiclass"
     k = sum(layer.bayes_rho(name).numel() for _, layer in layers for name in layer.bayes_names)
-    report = PosteriorReport(method, k)
+    report = PosteriorReport(method, k, covariance=covariance)
     set_sigma_scale(model, 1.0)
     set_temperature(model, 1.0)
-    if method == "laplace":
-        _fit_laplace(model, train_data, report, task, prior_precision, curvature, mc_samples,
-                     seed, device, progress, fmt)  # fmt: skip
+    if method == "laplace" and covariance == "kron":
+        _fit_kronecker(model, train_data, report, task, prior_precision,
+                       curvature or "exact", mc_samples, seed, device, progress,
+                       fmt)  # fmt: skip
+    elif method == "laplace":
+        _fit_laplace(model, train_data, report, task, prior_precision, curvature or "mc",
+                     mc_samples, seed, device, progress, fmt)  # fmt: skip
     else:
         start = time.perf_counter()
         with _sampling(model):
@@ -279,6 +306,28 @@ def _fit_laplace(model, data, report, task, prior_precision, method, mc_samples,
     report.prior_precision = float(lam)
     report.log_marginal_likelihood = log_marginal_likelihood(h, theta, lam)
     _set_sigma(model, curv.diagonal, float(lam))
+    report.seconds["fit"] = time.perf_counter() - start
+
+
+def _fit_kronecker(model, data, report, task, prior_precision, method, mc_samples, seed,
+                   device, progress, fmt) -> None:  # fmt: skip
+    layers = dict(bayesian_layers(model))
+    for layer in layers.values():
+        layer._check_kronecker()
+    curv = kronecker_ggn(
+        model, data, list(layers), likelihood=likelihood_of_task(task), method=method,
+        mc_samples=mc_samples, seed=seed, device=device, progress=progress, batch_format=fmt,
+    )  # fmt: skip
+    report.seconds["curvature"] = curv.seconds
+    start = time.perf_counter()
+    bases = {name: eigenbases(a, b) for name, (a, b) in curv.factors.items()}
+    h = torch.cat([products.reshape(-1) for _, _, products in bases.values()])
+    theta = _bayesian_values(model).double()
+    lam = fit_prior_precision(h, theta) if prior_precision == "marglik" else prior_precision
+    report.prior_precision = float(lam)
+    report.log_marginal_likelihood = log_marginal_likelihood(h, theta, lam)
+    for name, (qa, qb, products) in bases.items():
+        layers[name].set_kronecker_posterior(qa, qb, 1 / (products + lam))
     report.seconds["fit"] = time.perf_counter() - start
 
 

@@ -77,7 +77,14 @@ from ._utils import (
 )
 from ._version import __version__
 from .convert import INFO_ATTR, bayes_summary, num_bayesian, to_deterministic
-from .layers import BayesianLayer, attach_owners, bayesian_layers, make_bayesian
+from .kronecker import KRONECKER_BUFFERS
+from .layers import (
+    BayesianLayer,
+    attach_owners,
+    bayesian_layers,
+    expect_kronecker,
+    make_bayesian,
+)
 from .predict import PREDICTIVES, apply_predictive
 from .saliency import FORMAT as SALIENCY_FORMAT
 
@@ -700,6 +707,9 @@ def _reapply_conversion(
         masks = {n: _mask_from_state(module, layer_name, n, state, path, fix) for n in names}
         prior = state[_key(layer_name, "bayes_prior")]
         make_bayesian(module, masks, prior_mu=float(prior[0]), prior_sigma=float(prior[1]))
+        if _key(layer_name, "kron_var") in state:  # a Kronecker-factored posterior
+            stored = {k: state.get(_key(layer_name, k)) for k in KRONECKER_BUFFERS}
+            expect_kronecker(module, stored)
     attach_owners(model)
 
 

@@ -238,6 +238,30 @@ def _library_last_layer(ws, **options):
     return ref, report
 
 
+def test_convert_covariance_kron_matches_the_library(ws, pipeline):
+    """convert --last-layer --covariance kron: the library's Kronecker-factored posterior
+    (the same lambda, t and T), saved with its factors, predicting as the library's model;
+    --covariance kron without --posterior laplace is refused (exit 2, no file)."""
+    data = ws / "digits.npz"
+    args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
+            "laplace", "--last-layer", "--covariance", "kron", *BATCH]  # fmt: skip
+    out = _ok([*args, "-o", ws / "kron.pt"])
+    assert "laplace (kron covariance)" in out
+    cli = load(ws / "kron.pt")
+    ref, report = _library_last_layer(ws, predictive="probit", covariance="kron")
+    info = cli.bnnconvert_info["posterior"]
+    assert info["covariance"] == "kron" == report.covariance
+    assert info["prior_precision"] == pytest.approx(report.prior_precision, rel=1e-6)
+    assert info["scale"] == report.calibration.scale
+    assert [n for n, m in cli.named_modules() if getattr(m, "is_kronecker", False)] == ["fc"]
+    x = next(iter(open_data(data, "val", batch_size=16)))[0]
+    torch.testing.assert_close(bnnconvert.predict(cli, x).probs, bnnconvert.predict(ref, x).probs)
+    bad_args = [*args[:6], "--last-layer", "--covariance", "kron", *BATCH, "-o", ws / "x.pt"]
+    bad = CliRunner().invoke(main, [str(a) for a in bad_args])
+    assert bad.exit_code == 2 and "--covariance kron needs --posterior laplace" in bad.output
+    assert not (ws / "x.pt").exists()
+
+
 def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipeline):
     """convert --outliers synthetic: the scale and temperature of the library's calibration
     with synthetic_outliers of the validation inputs (the same numbers), saved with the

@@ -15,7 +15,7 @@ from ..convert import bayes_summary, last_layer_masks
 from ..convert import convert as convert_model
 from ..demo import Recipe
 from ..pipeline import convert_checkpoint
-from ..posterior import METHODS
+from ..posterior import COVARIANCES, METHODS
 from ..predict import PREDICTIVES
 from ..saliency import CRITERIA, DATA_CRITERIA, FREE_CRITERIA, compute_saliency
 from .options import (
@@ -172,6 +172,14 @@ Examples:
     "paper's ELBO fine-tuning); calibrated on --val-data when given. Default: keep the "
     "initial sigma (--rho-init / --moped-delta).",
 )
+@click.option(
+    "--covariance",
+    type=click.Choice(list(COVARIANCES)),
+    default="diagonal",
+    show_default=True,
+    help="With --posterior laplace: one sigma per entry, or kron: a Kronecker-factored "
+    "covariance of each Linear layer whose every entry is Bayesian (with --last-layer).",
+)
 @click.option("--val-data", help="Validation data (never the test split): calibration, auto.")
 @click.option(
     "--outliers",
@@ -220,6 +228,7 @@ def convert(
     moped_delta: float | None,
     batches: int | None,
     posterior: str | None,
+    covariance: str,
     val_data: str | None,
     val_split: str,
     outliers: str | None,
@@ -256,6 +265,8 @@ def convert(
     for flag, value in (("--outliers", outliers), ("--predictive", predictive)):
         if value is not None and (posterior is None or val_data is None):
             raise click.UsageError(f"{flag} needs --posterior and --val-data (it calibrates)")
+    if covariance != "diagonal" and posterior != "laplace":
+        raise click.UsageError(f"--covariance {covariance} needs --posterior laplace")
     if predictive is None:  # --samples asks for Monte Carlo
         last = RECIPE.last_layer_predictive if last_layer else "sample"
         predictive = "sample" if samples is not None else last
@@ -271,6 +282,8 @@ def convert(
     if samples is None and predictive == "sample":
         samples = RECIPE.last_layer_samples if last_layer else RECIPE.eval_samples
     options = {"epochs": epochs, "seed": o["seed"], "samples": samples}
+    if covariance != "diagonal":
+        options["covariance"] = covariance
     if val is not None:
         options["predictive"] = predictive
     if outliers is not None:
@@ -317,7 +330,9 @@ def _inputs_of(batches: Iterable) -> Tensor:
 
 def describe_posterior(summary: dict[str, Any]) -> str:
     """A few lines on a fitted posterior (the summary kept in the model's info)."""
-    lines = [f"posterior: {summary['method']}, {summary['num_bayesian']:,} Bayesian entries"]
+    kind = summary.get("covariance", "diagonal")
+    kind = "" if kind == "diagonal" else f" ({kind} covariance)"
+    lines = [f"posterior: {summary['method']}{kind}, {summary['num_bayesian']:,} Bayesian entries"]
     if summary.get("prior_precision") is not None:
         lines.append(f"prior precision lambda: {summary['prior_precision']:.4g}")
     q = summary.get("sigma_quantiles") or {}

@@ -1,0 +1,244 @@
+"""The Kronecker-factored Laplace posterior of a fully Bayesian Linear layer
+(fit_posterior(..., covariance="kron")), against independent computations: the factors
+from per-example Jacobians (torch.func), the dense covariance (torch.kron and a matrix
+inverse), the marginal likelihood's log-determinant (torch.linalg.slogdet), the empirical
+covariance of many draws."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev, vmap
+
+import bnnconvert
+from bnnconvert.curvature import kronecker_ggn
+from bnnconvert.layers import mean_weights, set_sigma_scale
+from bnnconvert.posterior import predictive_nll
+
+
+def _net(seed: int = 0, classes: int = 4) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, classes))
+
+
+def _data(seed: int = 0, n: int = 48, classes: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y, [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def _fitted(seed: int = 0, **options):
+    net = _net(seed)
+    x, y, data = _data(seed)
+    pbnn = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
+    report = bnnconvert.fit_posterior(pbnn, data, covariance="kron", **options)
+    return pbnn, report, x, y, data
+
+
+def _hidden(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model[1](model[0](x))
+
+
+def _dense_precision(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """B kron A + lambda I over vec(W~), W~ = [W, b] row-major (C x P)."""
+    return torch.kron(b, a) + lam * torch.eye(a.shape[0] * b.shape[0], dtype=torch.float64)
+
+
+def _reference_factors(model: nn.Module, x: torch.Tensor, layer: str):
+    """A = mean phi~ phi~^T and B = sum_n G_n^T (diag p - p p^T) G_n, with G_n the Jacobian
+    of the model's logits in the layer's output (torch.func, one example at a time)."""
+    index = int(layer)
+    head = model[index + 1 :]
+    with torch.no_grad():
+        inp = model[:index](x).double()
+        out = model[index](model[:index](x))
+        p = model(x).softmax(1).double()
+    phi = torch.cat([inp, torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    a = phi.T @ phi / len(x)
+    jac = vmap(jacrev(lambda o: head(o.unsqueeze(0))[0]))(out).double()  # (N, C, out)
+    hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    b = torch.einsum("nco,ncd,nde->oe", jac, hess, jac)
+    return a, b
+
+
+@pytest.mark.parametrize("layer", ["2", "0"])
+def test_kronecker_factors_equal_a_per_example_jacobian_computation(layer):
+    """kronecker_ggn (exact) of the last layer and of a hidden layer equals A and B built
+    from torch.func Jacobians of the logits in the layer's output."""
+    net = _net()
+    x, _, data = _data()
+    curv = kronecker_ggn(net, data, [layer], method="exact")
+    a_ref, b_ref = _reference_factors(net, x, layer)
+    a, b = curv.factors[layer]
+    assert curv.num_data == len(x)
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b, b_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_kronecker_mc_factor_is_unbiased():
+    """The Monte Carlo B (sampled targets) approaches the exact B with many draws."""
+    net = _net()
+    _, _, data = _data()
+    exact = kronecker_ggn(net, data, ["2"], method="exact").factors["2"][1]
+    mc = kronecker_ggn(net, data, ["2"], method="mc", mc_samples=4000, seed=3).factors["2"][1]
+    assert (mc - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_output_moments_and_sigma_equal_the_dense_covariance():
+    """The probit's variance phi~^T Sigma_kk phi~ and the marginal sigma (rho) equal those of
+    the dense covariance (B kron A + lambda I)^-1, at t = 1 and t = 2."""
+    pbnn, report, x, _, data = _fitted()
+    layer = pbnn[2]
+    a, b = kronecker_ggn(pbnn, data, ["2"]).factors["2"]
+    sigma = torch.linalg.inv(_dense_precision(a, b, report.prior_precision)).view(4, 8, 4, 8)
+    h = _hidden(pbnn, x)
+    phi = torch.cat([h, torch.ones(len(h), 1)], 1).double()
+    for t in (1.0, 2.0):
+        set_sigma_scale(pbnn, t)
+        mean, var = layer.output_moments(h)
+        ref = torch.stack([((phi @ sigma[k, :, k, :]) * phi).sum(1) for k in range(4)], 1)
+        torch.testing.assert_close(var.double(), t**2 * ref, rtol=1e-4, atol=1e-7)
+        with mean_weights(pbnn):
+            torch.testing.assert_close(mean, pbnn(x))
+    marginal = torch.stack([sigma[k, :, k, :].diagonal() for k in range(4)])
+    torch.testing.assert_close(
+        layer.posterior_sigma("weight").double(), t * marginal[:, :7].sqrt(), rtol=1e-4, atol=0
+    )
+    torch.testing.assert_close(
+        layer.posterior_sigma("bias").double(), t * marginal[:, 7].sqrt(), rtol=1e-4, atol=0
+    )
+
+
+def test_draws_have_the_dense_covariance():
+    """20,000 joint draws of (weight, bias) have mean mu and the dense covariance."""
+    pbnn, report, _, _, data = _fitted()
+    layer = pbnn[2]
+    a, b = kronecker_ggn(pbnn, data, ["2"]).factors["2"]
+    sigma = torch.linalg.inv(_dense_precision(a, b, report.prior_precision))
+    torch.manual_seed(0)
+    draws = []
+    for _ in range(20000):
+        d = layer.kronecker_sample()
+        draws.append(torch.cat([d["weight"], d["bias"][:, None]], 1).reshape(-1))
+    samples = torch.stack(draws).double()
+    mu = torch.cat([layer.weight, layer.bias[:, None]], 1).reshape(-1).double().detach()
+    scale = sigma.diagonal().sqrt().max()
+    assert (samples.mean(0) - mu).abs().max() < 5 * scale / math.sqrt(20000)
+    assert (torch.cov(samples.T) - sigma).abs().max() < 0.05 * sigma.abs().max()
+
+
+def test_monte_carlo_forward_matches_the_closed_form():
+    """The sampling forward of the converted model draws outputs whose variance is the
+    closed form of output_moments (the forward uses the joint draw)."""
+    pbnn, _, x, _, _ = _fitted()
+    h = _hidden(pbnn, x[:3])
+    _, var = pbnn[2].output_moments(h)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        outs = torch.stack([pbnn(x[:3]) for _ in range(20000)])
+    torch.testing.assert_close(outs.var(0), var, rtol=0.05, atol=1e-4)
+
+
+def test_prior_precision_maximises_the_dense_marginal_likelihood():
+    """lambda by the evidence: the dense log-determinant's objective is lower at lambda
+    times and divided by 1.05, and the report's value is that objective."""
+    pbnn, report, _, _, data = _fitted()
+    a, b = kronecker_ggn(pbnn, data, ["2"]).factors["2"]
+    theta = torch.cat([pbnn[2].weight, pbnn[2].bias[:, None]], 1).reshape(-1).double().detach()
+    k = theta.numel()
+
+    def evidence(lam: float) -> float:
+        logdet = torch.linalg.slogdet(_dense_precision(a, b, lam))[1]
+        return float(-lam / 2 * theta.square().sum() + k / 2 * math.log(lam) - logdet / 2)
+
+    lam = report.prior_precision
+    assert evidence(lam) > evidence(lam * 1.05) and evidence(lam) > evidence(lam / 1.05)
+    assert report.log_marginal_likelihood == pytest.approx(evidence(lam), rel=1e-6)
+
+
+def _trained(seed: int = 0):
+    """The tiny network fitted (200 Adam steps) to labels of a random linear rule, its last
+    layer converted and given a Kronecker posterior: (model, x, y, batches)."""
+    net = _net(seed)
+    x, _, data = _data(seed, n=96)
+    y = (x @ torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))).argmax(1)
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    data = [(x[i : i + 32], y[i : i + 32]) for i in range(0, 96, 32)]
+    pbnn = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
+    bnnconvert.fit_posterior(pbnn, data, covariance="kron")
+    return pbnn, x, y, data
+
+
+def test_scale_zero_and_probit_calibration():
+    """t = 0 predicts exactly the model at its means; the probit calibration of a Kronecker
+    posterior tries t = 0 (temperature scaling) and keeps an NLL no higher than there."""
+    pbnn, x, _, data = _trained()
+    set_sigma_scale(pbnn, 0.0)
+    bnnconvert.set_predictive(pbnn, "probit", x)
+    with mean_weights(pbnn):
+        ref = pbnn(x)
+    torch.testing.assert_close(pbnn(x), ref, rtol=0, atol=0)
+    cal = bnnconvert.calibrate_posterior(pbnn, data, predictive="probit")
+    at_zero = {t: nll for t, _, nll in cal.curve}[0.0]
+    assert cal.nll <= at_zero
+    logits = torch.cat([pbnn(xb) for xb, _ in data])[None]
+    y = torch.cat([yb for _, yb in data])
+    nll = float(predictive_nll(logits.detach(), y, temperature=cal.temperature))
+    torch.testing.assert_close(nll, cal.nll, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_saved_and_loaded_kronecker_model_predicts_the_same(tmp_path, fmt):
+    """The factors, t and the predictive are saved and loaded (both formats): the loaded
+    model's probit logits equal the original's; to_deterministic drops the factors."""
+    pbnn, x, _, data = _trained()
+    bnnconvert.calibrate_posterior(pbnn, data, predictive="probit")
+    path = tmp_path / "kron.pt"
+    bnnconvert.save(pbnn, path, format=fmt)
+    loaded = bnnconvert.load(path, model=_net(5))
+    assert loaded[2].is_kronecker
+    torch.testing.assert_close(loaded(x), pbnn(x), rtol=0, atol=0)
+    plain = bnnconvert.to_deterministic(loaded)
+    assert not any(k.startswith("2.kron") for k in plain.state_dict())
+    with mean_weights(pbnn):
+        torch.testing.assert_close(plain(x), pbnn(x))
+
+
+def test_kronecker_refusals():
+    """A partial selection, a convolution, method="vi", ELBO training and inputs with extra
+    dimensions are refused with errors naming the fix."""
+    net = _net()
+    x, y, data = _data()
+    partial = bnnconvert.convert(net, {"2.weight": torch.rand(4, 7) < 0.5}, None)
+    with pytest.raises(ValueError, match=r"not every entry of its weight is Bayesian.*last-layer"):
+        bnnconvert.fit_posterior(partial, data, covariance="kron")
+    no_bias = bnnconvert.convert(net, {"2.weight": torch.ones(4, 7, dtype=torch.bool)}, None)
+    with pytest.raises(ValueError, match="bias is Bayesian"):
+        bnnconvert.fit_posterior(no_bias, data, covariance="kron")
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
+    pconv = bnnconvert.convert(conv, bnnconvert.last_layer_masks(conv), None)
+    images = [(torch.randn(4, 1, 5, 5), torch.zeros(4, 3, 3, dtype=torch.long))]
+    with pytest.raises(ValueError, match="not a Linear layer"):
+        bnnconvert.fit_posterior(pconv, images, covariance="kron", task="segmentation")
+    whole = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
+    with pytest.raises(ValueError, match="needs method='laplace'"):
+        bnnconvert.fit_posterior(whole, data, method="vi", covariance="kron")
+    with pytest.raises(ValueError, match="covariance must be one of"):
+        bnnconvert.fit_posterior(whole, data, covariance="full")
+    bnnconvert.fit_posterior(whole, data, covariance="kron")
+    with pytest.raises(ValueError, match="Kronecker-factored posterior"):
+        bnnconvert.elbo_loss(whole, x, y, beta=1.0)
+    seq = nn.Sequential(nn.Linear(5, 3))
+    pseq = bnnconvert.convert(seq, bnnconvert.last_layer_masks(seq), None)
+    tokens = [(torch.randn(2, 6, 5), torch.zeros(2, 6, dtype=torch.long))]
+    with pytest.raises(ValueError, match=r"\(N, in_features\) inputs"):
+        bnnconvert.fit_posterior(pseq, tokens, covariance="kron", curvature="mc")
