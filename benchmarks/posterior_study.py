@@ -809,6 +809,8 @@ OUTLIERS_SYNTHETIC = "laplace, last layer, S = 300, t by synthetic outliers"
 PROBIT_NLL = "laplace, last layer, probit, t by the validation NLL"
 PROBIT_SYNTHETIC = "laplace, last layer, probit, t by synthetic outliers"
 MC_NLL = "laplace, last layer, S = 300, t by the validation NLL"
+KRON_NLL = "laplace, last layer, Kronecker, probit, t by the validation NLL"
+KRON_SYNTHETIC = "laplace, last layer, Kronecker, probit, t by synthetic outliers"
 
 
 def outliers_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
@@ -835,12 +837,27 @@ def predictive_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any
     return calibrations_seed(seed, sets, folder, quick, variants)
 
 
+def covariance_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    """The recipe's posterior (diagonal Laplace on the last layer, probit) beside the
+    Kronecker-factored Laplace posterior of the same layer (``fit_posterior(...,
+    covariance="kron")``, probit), t by the validation NLL and by synthetic outliers;
+    beside them temperature scaling, laplace-torch's last-layer Laplace and each posterior
+    at its means."""
+    variants = {
+        PROBIT_NLL: ("probit", False),
+        KRON_NLL: ("probit", False, "kron"),
+        KRON_SYNTHETIC: ("probit", True, "kron"),
+    }
+    return calibrations_seed(seed, sets, folder, quick, variants)
+
+
 def calibrations_seed(
-    seed: int, sets, folder: Path, quick: bool, variants: dict[str, tuple[str, bool]]
+    seed: int, sets, folder: Path, quick: bool, variants: dict[str, tuple]
 ) -> dict[str, Any]:
-    """One fitted posterior (diagonal Laplace on the last layer) calibrated once per
-    variant {row name: (predictive, t by synthetic outliers?)}: S = SAMPLE_GRID[-1] draws
-    for "sample", none for "probit"; every variant also at its means."""
+    """Fitted last-layer Laplace posteriors calibrated once per variant {row name:
+    (predictive, t by synthetic outliers?[, covariance: "diagonal" (default) or
+    "kron"])}: S = SAMPLE_GRID[-1] draws for "sample", none for "probit"; every variant
+    also at its means."""
     y = sets["test"][1]
     model = checkpoint(sets, seed, folder, quick)
     rows: dict[str, dict] = {}
@@ -854,13 +871,19 @@ def calibrations_seed(
 
     record("temperature scaling", *temperature_scaled(model, sets))
     record("last-layer Laplace (laplace-torch)", *laplace_last_layer(model, sets, seed, mc=False))
-    pbnn = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
-    bnnconvert.fit_posterior(
-        pbnn, train_loader(sets, seed, shuffle=False), method="laplace", seed=seed, progress=False
-    )
+    fitted: dict[str, nn.Module] = {}
     outliers = bnnconvert.synthetic_outliers(sets["val"][0], seed=seed)
-    for name, (predictive, by_outliers) in variants.items():
-        calibrated = copy.deepcopy(pbnn)
+    for name, (predictive, by_outliers, *structure) in variants.items():
+        covariance = structure[0] if structure else "diagonal"
+        if covariance not in fitted:
+            pbnn = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
+            report = bnnconvert.fit_posterior(
+                pbnn, train_loader(sets, seed, shuffle=False), method="laplace",
+                covariance=covariance, seed=seed, progress=False,
+            )  # fmt: skip
+            fitted[covariance] = pbnn
+            log.info("seed %d, %s posterior: %s", seed, covariance, report)
+        calibrated = copy.deepcopy(fitted[covariance])
         samples = SAMPLE_GRID[-1] if predictive == "sample" else None
         extra = {"outliers": outliers} if by_outliers else {}
         if predictive == "probit":
@@ -880,6 +903,10 @@ PAIRED_OTHER = {
     "predictive": {
         name: ("last-layer Laplace (laplace-torch)", MC_NLL)
         for name in (PROBIT_NLL, PROBIT_SYNTHETIC)
+    },
+    "covariance": {
+        name: ("last-layer Laplace (laplace-torch)", PROBIT_NLL)
+        for name in (KRON_NLL, KRON_SYNTHETIC)
     },
 }
 """Per task, {row: (the rows it is compared with, paired)} beside temperature scaling."""
@@ -918,6 +945,8 @@ def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
         }
     if task == "predictive":
         report["default"] = choose_predictive(seeds)
+    if task == "covariance":
+        report["default"] = choose_covariance(seeds)
     (folder / f"{task}.json").write_text(json.dumps(report, indent=1))
     text = samples_markdown(report)
     (folder / f"{task}.md").write_text(text)
@@ -999,6 +1028,18 @@ def choose_predictive(seeds: list[dict], tolerance: float = 0.01) -> str:
     return PROBIT_NLL if mean[PROBIT_NLL] <= best * (1 + tolerance) else MC_NLL
 
 
+def choose_covariance(seeds: list[dict], tolerance: float = 0.01) -> str:
+    """Between the diagonal and the Kronecker-factored last-layer posterior (both probit,
+    t by the validation NLL): the lower mean validation NLL over the seeds, and within
+    ``tolerance`` (relative) of it the cheaper, the diagonal (rule fixed before the run)."""
+    mean = {
+        c: float(np.mean([s["results"][c]["val_nll"] for s in seeds]))
+        for c in (PROBIT_NLL, KRON_NLL)
+    }
+    best = min(mean.values())
+    return PROBIT_NLL if mean[PROBIT_NLL] <= best * (1 + tolerance) else KRON_NLL
+
+
 # ---------------------------------------------------------------------- shape
 def shape_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
     """The recipe's last-layer posterior (S = SAMPLE_GRID[-1]) with other shapes of sigma:
@@ -1048,6 +1089,7 @@ LAST_LAYER_TASKS = {
     "shape": shape_seed,
     "outliers": outliers_seed,
     "predictive": predictive_seed,
+    "covariance": covariance_seed,
 }
 
 
@@ -1072,6 +1114,7 @@ def main() -> None:
             "shape",
             "outliers",
             "predictive",
+            "covariance",
         ),
         default="classification",
     )

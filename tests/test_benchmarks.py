@@ -199,6 +199,22 @@ def test_posterior_study_predictive_task(tmp_path):
 
 
 @pytest.mark.integration
+def test_posterior_study_covariance_task(tmp_path):
+    """The study's covariance task (quick): the Kronecker rows are calibrated with the probit,
+    never worse than temperature scaling on the validation NLL (t = 0 is in the grid), at
+    their means predict the checkpoint's classes, and the report names the rule's choice."""
+    rows = _study("covariance", tmp_path)
+    ts = rows["temperature scaling"]
+    for name in ("t by the validation NLL", "t by synthetic outliers"):
+        kron = rows[f"laplace, last layer, Kronecker, probit, {name}"]
+        assert kron["val_nll"] <= ts["val_nll"] + 1e-6
+        means = rows[f"laplace, last layer, Kronecker, probit, {name}, at its means"]
+        assert means["accuracy"] == ts["accuracy"]
+    report = json.loads((tmp_path / "covariance.json").read_text())
+    assert report["default"] in rows and "Kronecker" in str(report["paired_other"])
+
+
+@pytest.mark.integration
 def test_predict_memory_quick_run(tmp_path):
     """bench_predict_memory --quick: the two-stage 3-D UNet (bnnconvert.models.UNet with
     spatial_dims=3, base 8, depth 1) on 16^3 volumes, one forward row and one row per N."""
