@@ -10,7 +10,7 @@ training data, by one of:
   the precision of the prior N(0, 1 / lambda), maximising the Laplace marginal likelihood
   (:func:`bnnconvert.curvature.fit_prior_precision`) or given. With
   ``covariance="kron"`` the posterior of each (fully Bayesian) Linear layer is instead
-  Kronecker-factored, precision N B kron A + lambda I (:mod:`bnnconvert.kronecker`,
+  Kronecker-factored, precision B kron A + lambda I (:mod:`bnnconvert.kronecker`,
   :func:`bnnconvert.curvature.kronecker_ggn`), lambda by the same evidence with the
   Kronecker eigenvalues;
 - ``"vi"``: ELBO fine-tuning that learns sigma: the textbook KL (summed over the entries)
