@@ -128,7 +128,7 @@ _ZERO_OPS = (
     "max_pool2d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
     "adaptive_max_pool3d", "view_as", "reshape_as", "expand_as", "clone", "where",
     "unflatten", "index_select", "index_copy", "index_copy_", "index_put", "scatter",
-    "scatter_",
+    "scatter_", "new_ones", "numpy_T",
 )  # fmt: skip
 
 SAMPLING_SCOPE = "flops_sampling_scope"
@@ -442,16 +442,17 @@ def _unwrapped(raw: Mapping[str, Counter]) -> dict[str, Counter]:
 
 
 class _SamplingScope(nn.Module):
-    """Stands in for a Bayesian layer's ``sample_parameter`` in the counting copy: called
-    through nn.Module.__call__, it makes fvcore attribute the sampling ops to the module
-    '<layer>.flops_sampling_scope', whoever triggers the sampling (the layer or an owner)."""
+    """Stands in for a Bayesian layer's ``sample_parameter`` (``kronecker_sample`` for a
+    Kronecker-factored layer) in the counting copy: called through nn.Module.__call__, it
+    makes fvcore attribute the sampling ops to the module '<layer>.flops_sampling_scope',
+    whoever triggers the sampling (the layer or an owner)."""
 
-    def __init__(self, sample: Callable[[str], Tensor]):
+    def __init__(self, sample: Callable[..., Tensor | tuple[Tensor, ...]]):
         super().__init__()
         self.sample = sample
 
-    def forward(self, name: str) -> Tensor:
-        return self.sample(name)
+    def forward(self, *name: str) -> Tensor | tuple[Tensor, ...]:
+        return self.sample(*name)
 
 
 def _instrument_sampling(work: nn.Module) -> list[str]:
@@ -459,9 +460,10 @@ def _instrument_sampling(work: nn.Module) -> list[str]:
     :class:`_SamplingScope` child; return the names of the Bayesian layers."""
     names = []
     for name, layer in list(bayesian_layers(work)):
-        scope = _SamplingScope(layer.sample_parameter)
+        method = "kronecker_sample" if layer.is_kronecker else "sample_parameter"
+        scope = _SamplingScope(getattr(layer, method))
         layer.add_module(SAMPLING_SCOPE, scope)
-        layer.__dict__["sample_parameter"] = scope  # the instance attribute wins
+        layer.__dict__[method] = scope  # the instance attribute wins
         names.append(name)
     return names
 

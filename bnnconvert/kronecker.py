@@ -59,18 +59,18 @@ def output_variance(phi: Tensor, qa: Tensor, qb: Tensor, var: Tensor, scale: Ten
     """The variance of each output of W~ phi~ under the posterior, (M, P) -> (M, C)."""
     u = phi @ qa.to(phi.dtype)  # (M, P): the inputs in A's eigenbasis
     v = (var * scale.square()).to(phi.dtype)  # (C, P)
-    return (u.square() @ v.T) @ qb.to(phi.dtype).square().T
+    return (u.square() @ v.t()) @ qb.to(phi.dtype).square().t()
 
 
 def draw(qa: Tensor, qb: Tensor, var: Tensor, scale: Tensor) -> Tensor:
     """One draw of W~ - mu, (C, P): Q_B (t sqrt(V) * eps) Q_A^T (global RNG)."""
     m = (scale * var.sqrt()) * torch.randn_like(var)
-    return qb @ m @ qa.T
+    return qb @ m @ qa.t()
 
 
 def marginal_variance(qa: Tensor, qb: Tensor, var: Tensor) -> Tensor:
     """The diagonal of the covariance at t = 1, (C, P): Q_B^2 V (Q_A^2)^T."""
-    return qb.square() @ var @ qa.square().T
+    return qb.square() @ var @ qa.square().t()
 
 
 def eigenbases(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:

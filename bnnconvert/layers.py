@@ -435,15 +435,16 @@ class BayesianLayer:
         """P: in_features, plus 1 if the layer has a Bayesian bias."""
         return self._parameters["weight"].shape[1] + ("bias" in self.bayes_names)
 
-    def kronecker_sample(self) -> dict[str, Tensor]:
-        """One joint posterior draw {"weight": (C, in), "bias": (C,)} of a Kronecker layer."""
+    def kronecker_sample(self) -> tuple[Tensor, ...]:
+        """One joint posterior draw of a Kronecker layer, in ``bayes_names`` order: the
+        weight (C, in) and, if Bayesian, the bias (C,)."""
         mu = self._parameters["weight"]
         qa, qb, var = (self._buffers[k] for k in kronecker.KRONECKER_BUFFERS)
         delta = kronecker.draw(qa, qb, var, self._buffers["bayes_scale"]).to(mu.dtype)
-        draws = {"weight": mu + delta[:, : mu.shape[1]]}
-        if "bias" in self.bayes_names:
-            draws["bias"] = self._parameters["bias"] + delta[:, -1]
-        return draws
+        weight = mu + delta[:, : mu.shape[1]]
+        if "bias" not in self.bayes_names:
+            return (weight,)
+        return weight, self._parameters["bias"] + delta[:, -1]
 
     def _dense_variance(self, name: str) -> Tensor:
         """(t sigma)^2 of ``name`` at its Bayesian entries, 0 elsewhere, shape of the
@@ -753,7 +754,7 @@ def _swap_in_samples(layers: tuple[BayesianLayer, ...]) -> _Saved:
             saved.append((layer, swapped, perturbed))
             layer.__dict__["_bayes_active"] = True  # not nn.Module.__setattr__: per forward
             if layer.is_kronecker:  # one joint draw of weight and bias
-                for name, sample in layer.kronecker_sample().items():
+                for name, sample in zip(layer.bayes_names, layer.kronecker_sample()):
                     swapped[name] = layer._parameters[name]
                     layer._parameters[name] = sample
                 continue

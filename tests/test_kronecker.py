@@ -123,8 +123,8 @@ def test_draws_have_the_dense_covariance():
     torch.manual_seed(0)
     draws = []
     for _ in range(20000):
-        d = layer.kronecker_sample()
-        draws.append(torch.cat([d["weight"], d["bias"][:, None]], 1).reshape(-1))
+        weight, bias = layer.kronecker_sample()
+        draws.append(torch.cat([weight, bias[:, None]], 1).reshape(-1))
     samples = torch.stack(draws).double()
     mu = torch.cat([layer.weight, layer.bias[:, None]], 1).reshape(-1).double().detach()
     scale = sigma.diagonal().sqrt().max()
@@ -242,3 +242,23 @@ def test_kronecker_refusals():
     tokens = [(torch.randn(2, 6, 5), torch.zeros(2, 6, dtype=torch.long))]
     with pytest.raises(ValueError, match=r"\(N, in_features\) inputs"):
         bnnconvert.fit_posterior(pseq, tokens, covariance="kron", curvature="mc")
+
+
+def test_flops_of_the_draw_and_the_probit_equal_an_analytic_count():
+    """fvcore's count (fma convention) of S sampling forwards and of one probit forward of
+    a Kronecker last layer (C = 4 classes, P = 7 + 1 inputs, N = 5 items), op by op: a draw
+    is Q_B (t sqrt(V) eps) Q_A^T + mu (two products, five elementwise ops per entry),
+    charged to the layer's Bayesian sampling; the probit variance is three products."""
+    pbnn, _, x, _, _ = _fitted()
+    n, c, p, s = 5, 4, 8, 3
+    body = n * 5 * 7 + n * 7 * c + n * 7  # Linear(5, 7), Tanh, Linear(7, 4) at the mean
+    draw = c * c * p + c * p * p + 5 * c * p
+    cost = bnnconvert.count_flops(pbnn, x[:n], samples=s)
+    assert cost.total == s * (body + draw) and cost.bayes_overhead == s * draw
+    assert cost.bayes_by_operator["matmul"] == s * (c * c * p + c * p * p)
+    bnnconvert.set_predictive(pbnn, "probit", x)
+    probit = bnnconvert.count_flops(pbnn, x[:n])
+    variance = n * p * p + n * p * c + n * c * c  # products: Q_A^T phi, (.)^2 V^T, (.) (Q_B^2)^T
+    elementwise = (n * p + 1 + c * c) + c * p + 2 * n * c + n * c + n * c
+    assert probit.by_operator["matmul"] == variance
+    assert probit.total == body + variance + elementwise and probit.unsupported_ops == {}
