@@ -550,6 +550,15 @@ def test_posterior_methods_fit_and_calibrate_the_posterior():
     bnnconvert.fit_posterior(ref, data, task="multiclass")
     for (_, a), (_, b) in zip(bayesian_layers(method.model), bayesian_layers(ref)):
         torch.testing.assert_close(a.bayes_rho("weight"), b.bayes_rho("weight"))
+    kron = get_method("posterior_ll_kron", net, task="multiclass", samples=4)
+    kron.fit(data, epochs=0, val_data=val)
+    assert kron.report.covariance == "kron" and kron.model[2].is_kronecker
+    ref_kron = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
+    ref_report = bnnconvert.fit_posterior(ref_kron, data, task="multiclass", covariance="kron")
+    assert kron.report.prior_precision == pytest.approx(ref_report.prior_precision, rel=1e-9)
+    torch.testing.assert_close(kron.model[2].kron_var, ref_kron[2].kron_var)
+    with pytest.raises(ValueError, match="needs posterior='laplace'"):
+        get_method("last_layer", net, covariance="kron")
     sparse = get_method("vi5", net, task="multiclass")
     assert sparse.posterior == "vi" and sparse.r_bayes == 0.05
     with pytest.raises(ValueError, match="posterior"):

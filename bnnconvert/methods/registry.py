@@ -36,6 +36,10 @@ _FIXED: dict[str, tuple[type[Method], dict[str, Any]]] = {
     "laplace_ll": (LaplaceLastLayer, {}),
     "laplace_ll_diag": (LaplaceLastLayer, {"hessian_structure": "diag"}),
     "posterior_ll": (LastLayers, {"layers": 1, "posterior": "laplace", "moped_delta": 0.1}),
+    "posterior_ll_kron": (
+        LastLayers,
+        {"layers": 1, "posterior": "laplace", "moped_delta": 0.1, "covariance": "kron"},
+    ),
     "vi_ll": (LastLayers, {"layers": 1, "posterior": "vi", "moped_delta": 0.1}),
 }
 

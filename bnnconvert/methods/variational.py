@@ -34,6 +34,8 @@ class VariationalMethod(Method):
             "paper": :func:`bnnconvert.fit_posterior` on the training data after the
             conversion, calibrated on ``val_data`` when :meth:`fit` gets it (``epochs``
             is the fine-tuning budget of "vi" and "paper"; "laplace" trains nothing).
+        covariance: with ``posterior="laplace"``: "diagonal" or "kron" (a
+            Kronecker-factored covariance for each fully Bayesian Linear layer).
 
     Attributes:
         report: the :class:`~bnnconvert.posterior.PosteriorReport` of the last fit with a
@@ -54,12 +56,16 @@ class VariationalMethod(Method):
         rho_init: float = -3.0,
         moped_delta: float | None = None,
         posterior: str | None = None,
+        covariance: str = "diagonal",
         name: str | None = None,
     ) -> None:
         if posterior is not None and posterior not in METHODS:
             raise ValueError(f"posterior must be None or one of {METHODS}, got {posterior!r}")
+        if covariance != "diagonal" and posterior != "laplace":
+            raise ValueError(f"covariance={covariance!r} needs posterior='laplace'")
         super().__init__(model, task=task, samples=samples, name=name)
         self.posterior = posterior
+        self.covariance = covariance
         self.report: PosteriorReport | None = None
         self.beta = beta
         self.prior = {
@@ -88,6 +94,7 @@ class VariationalMethod(Method):
             run.train_data,
             run.val_data,
             method=self.posterior,
+            covariance=self.covariance,
             task=self.task,
             epochs=max(run.epochs, 1),
             samples=self.samples,
