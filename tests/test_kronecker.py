@@ -49,31 +49,38 @@ def _dense_precision(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tens
     return torch.kron(b, a) + lam * torch.eye(a.shape[0] * b.shape[0], dtype=torch.float64)
 
 
-def _reference_factors(model: nn.Module, x: torch.Tensor, layer: str):
-    """A = mean phi~ phi~^T and B = sum_n G_n^T (diag p - p p^T) G_n, with G_n the Jacobian
-    of the model's logits in the layer's output (torch.func, one example at a time)."""
+def _reference_factors(model: nn.Module, x: torch.Tensor, layer: str, likelihood: str):
+    """A = mean phi~ phi~^T and B = sum_n G_n^T Lambda_n G_n, with G_n the Jacobian of the
+    model's logits in the layer's output (torch.func, one example at a time) and Lambda_n
+    diag(p) - p p^T (softmax) or diag(p (1 - p)) (a sigmoid per output)."""
     index = int(layer)
     head = model[index + 1 :]
     with torch.no_grad():
         inp = model[:index](x).double()
         out = model[index](model[:index](x))
-        p = model(x).softmax(1).double()
+        logits = model(x).double()
     phi = torch.cat([inp, torch.ones(len(x), 1, dtype=torch.float64)], 1)
     a = phi.T @ phi / len(x)
     jac = vmap(jacrev(lambda o: head(o.unsqueeze(0))[0]))(out).double()  # (N, C, out)
-    hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    if likelihood == "categorical":
+        p = logits.softmax(1)
+        hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    else:
+        hess = torch.diag_embed(logits.sigmoid() * (1 - logits.sigmoid()))
     b = torch.einsum("nco,ncd,nde->oe", jac, hess, jac)
     return a, b
 
 
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
 @pytest.mark.parametrize("layer", ["2", "0"])
-def test_kronecker_factors_equal_a_per_example_jacobian_computation(layer):
+def test_kronecker_factors_equal_a_per_example_jacobian_computation(layer, likelihood):
     """kronecker_ggn (exact) of the last layer and of a hidden layer equals A and B built
-    from torch.func Jacobians of the logits in the layer's output."""
+    from torch.func Jacobians of the logits in the layer's output, for a softmax and for a
+    sigmoid per output (multi-label)."""
     net = _net()
     x, _, data = _data()
-    curv = kronecker_ggn(net, data, [layer], method="exact")
-    a_ref, b_ref = _reference_factors(net, x, layer)
+    curv = kronecker_ggn(net, data, [layer], likelihood=likelihood, method="exact")
+    a_ref, b_ref = _reference_factors(net, x, layer, likelihood)
     a, b = curv.factors[layer]
     assert curv.num_data == len(x)
     torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
