@@ -182,9 +182,17 @@ def diagonal_ggn(
         names = list(convertible_parameters(model))
     params = convertible_parameters(model, include=PARAMETER_KINDS)
     selected = _selection(params, names, masks)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     engine = _TapEngine(model, selected, fmt)
     start = time.perf_counter()
+    count = _run(engine, data, likelihood, method, mc_samples, noise_std, seed, device, progress)
+    return Curvature(engine.result(), count, likelihood, method, time.perf_counter() - start)
+
+
+def _run(engine, data, likelihood, method, mc_samples, noise_std, seed, device, progress) -> int:
+    """Feed every batch of ``data`` to ``engine`` (the model frozen, in eval mode, at its
+    means); returns the number of examples N."""
+    model, fmt = engine.model, engine.fmt
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     count = 0
     with _frozen(model), eval_mode(model), mean_weights(model):
@@ -195,7 +203,7 @@ def diagonal_ggn(
             engine.accumulate(x, likelihood, method, mc_samples, noise_std, generator)
     if count == 0:
         raise ValueError("the data yielded no batch; pass a non-empty iterable of batches")
-    return Curvature(engine.result(), count, likelihood, method, time.perf_counter() - start)
+    return count
 
 
 @dataclass
@@ -242,19 +250,9 @@ def kronecker_ggn(
     """
     _check(likelihood, method, mc_samples, noise_std)
     fmt = as_batch_format(batch_format)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     engine = _KroneckerEngine(model, list(layers), fmt)
     start = time.perf_counter()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    count = 0
-    with _frozen(model), eval_mode(model), mean_weights(model):
-        for batch in tqdm(data, desc="curvature", unit="batch", disable=not progress):
-            x, _ = fmt.split(batch)
-            x = move_inputs(x, device)
-            count += batch_length(x)
-            engine.accumulate(x, likelihood, method, mc_samples, noise_std, generator)
-    if count == 0:
-        raise ValueError("the data yielded no batch; pass a non-empty iterable of batches")
+    count = _run(engine, data, likelihood, method, mc_samples, noise_std, seed, device, progress)
     factors = {name: (a / count, b) for name, (a, b) in engine.kron.items()}
     return KroneckerCurvature(factors, count, likelihood, method, time.perf_counter() - start)
 
