@@ -90,7 +90,22 @@ def near_ood(n: int = 500, seed: int = 0) -> Tensor | None:
     return F.pad(img, (4, 4, 4, 4)) * 2 - 1
 
 
-def load_sets(quick: bool) -> dict[str, Any]:
+def validation_ood(n: int = 500, seed: int = 0) -> Tensor:
+    """Out-of-distribution *validation* inputs, from neither test OOD set: n random 28 x 28
+    crops of the bundled fluorescence-microscopy tiles (every split of
+    ``demo_segmentation``; never used by the classification evaluation), in [-1, 1] like
+    the digits. A diagnostic column (``auroc_valood``: validation digits against these),
+    not used to choose anything."""
+    tiles = torch.stack(
+        [img for split in ("train", "val", "test") for img, _ in demo_segmentation(split)]
+    )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(tiles), (n,), generator=g)
+    rows, cols = (torch.randint(64 - 28 + 1, (n,), generator=g) for _ in range(2))
+    return torch.stack([tiles[i, :, r : r + 28, c : c + 28] for i, r, c in zip(pick, rows, cols)])
+
+
+def load_sets(quick: bool, val_ood: bool = False) -> dict[str, Any]:
     sizes = (400, 200) if quick else (None, None)
     train_set = demo_classification("train")
     if sizes[0]:
@@ -103,6 +118,8 @@ def load_sets(quick: bool) -> dict[str, Any]:
     near = near_ood()
     if near is not None:
         sets["near"] = near[: sizes[1]]
+    if val_ood:
+        sets["val_ood"] = validation_ood()[: sizes[1]]
     return sets
 
 
@@ -143,7 +160,8 @@ Predictor = Callable[[Tensor], Prediction]
 
 def run_predictor(predictor: Predictor, sets, seed: int) -> dict[str, Prediction]:
     out = {}
-    for name in ("test", "ood", "near"):
+    extra = ("val", "val_ood") if "val_ood" in sets else ()  # the covariance task's diagnostic
+    for name in ("test", "ood", "near", *extra):
         if name in sets:
             torch.manual_seed(1000 + seed)
             x = sets[name][0] if isinstance(sets[name], tuple) else sets[name]
@@ -188,6 +206,10 @@ def summarise(preds: dict[str, Prediction], y: Tensor) -> dict[str, float]:
     errors = (test.probs.argmax(1) != y).double()
     risk = torch.cat([errors, torch.ones(len(preds["ood"].probs))])
     row["aurc_mixed"] = _aurc(torch.cat([test.entropy, preds["ood"].entropy]).double(), risk)
+    if "val_ood" in preds:  # validation digits against validation OOD inputs
+        row["auroc_valood"] = _auroc(
+            preds["val"].entropy.double(), preds["val_ood"].entropy.double()
+        )
     return row
 
 
@@ -915,7 +937,7 @@ PAIRED_OTHER = {
 def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
     """Run ``run_seed`` (samples_seed or shape_seed) on every seed; write ``task``.json and
     ``task``.md with the paired differences against temperature scaling."""
-    sets = load_sets(args.quick)
+    sets = load_sets(args.quick, val_ood=task == "covariance")
     start = time.perf_counter()
     seeds = [run_seed(seed, sets, folder, args.quick) for seed in args.seeds]
     names = [n for n in seeds[0]["results"] if n != "temperature scaling"]
@@ -957,6 +979,8 @@ def samples_markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     names = list(seeds[0]["results"])
     columns = ("accuracy", "nll", "ece", "auroc_far", "auroc_near", "fpr95_far")
+    if "auroc_valood" in seeds[0]["results"]["temperature scaling"]:
+        columns += ("auroc_valood",)
     lines = [
         f"Machine: {report['machine']}; {report['seconds']:.0f} s; seeds "
         + ", ".join(str(s["seed"]) for s in seeds)
