@@ -72,6 +72,7 @@ from .layers import (
     PARAMETER_KINDS,
     convertible_parameters,
     is_convertible,
+    is_pointwise,
     mean_weights,
 )
 
@@ -253,7 +254,7 @@ def kronecker_ggn(
     engine = _KroneckerEngine(model, list(layers), fmt)
     start = time.perf_counter()
     count = _run(engine, data, likelihood, method, mc_samples, noise_std, seed, device, progress)
-    factors = {name: (a / count, b) for name, (a, b) in engine.kron.items()}
+    factors = engine.factors()
     return KroneckerCurvature(factors, count, likelihood, method, time.perf_counter() - start)
 
 
@@ -500,27 +501,32 @@ class _KroneckerEngine(_TapEngine):
         modules = dict(model.named_modules())
         for name in layers:
             module = modules.get(name)
-            if not isinstance(module, nn.Linear):
+            if module is None or not is_pointwise(module):
                 kind = "no module" if module is None else f"a {type(module).__name__}"
                 raise ValueError(
-                    f"{name!r} is {kind}; a Kronecker-factored GGN needs Linear layers"
+                    f"{name!r} is {kind}; a Kronecker-factored GGN needs Linear layers or "
+                    "1x1 convolutions (stride 1, no padding, one group)"
                 )
         if not layers:
             raise ValueError("layers is empty; name at least one Linear layer")
         super().__init__(model, {f"{name}.weight": None for name in layers}, fmt)
         self.kron: dict[str, list[Tensor]] = {}
+        self.rows: dict[str, int] = dict.fromkeys(self.modules, 0)
         self._seen: dict[str, Tensor] = {}
         for name, module in self.modules.items():
-            width = module.in_features + (module.bias is not None)
+            out, width = module.weight.shape[0], module.weight.shape[1] + (module.bias is not None)
             dev = module.weight.device
             self.kron[name] = [
                 torch.zeros(width, width, device=dev, dtype=torch.float64),
-                torch.zeros(module.out_features, module.out_features, device=dev,
-                            dtype=torch.float64),
-            ]  # fmt: skip
+                torch.zeros(out, out, device=dev, dtype=torch.float64),
+            ]
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{layer: (A = sum phi~ phi~^T / rows, B = sum g g^T)}."""
+        return {name: (a / self.rows[name], b) for name, (a, b) in self.kron.items()}
 
     def _add(self, layer: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
-        if a.dim() != 2:
+        if isinstance(module, nn.Linear) and a.dim() != 2:
             raise ValueError(
                 f"{layer!r} receives inputs of shape {tuple(a.shape)}; a Kronecker-factored "
                 "GGN needs (N, in_features) inputs (a classifier's last layer); use "
@@ -529,9 +535,10 @@ class _KroneckerEngine(_TapEngine):
         acc_a, acc_b = self.kron[layer]
         if self._seen.get(layer) is not a:  # A once per batch, B once per residual
             self._seen[layer] = a
-            phi = augment(a.double(), module.bias is not None)
+            phi = augment(_rows(a, module).double(), module.bias is not None)
             acc_a += phi.T @ phi
-        g = g.double()
+            self.rows[layer] += phi.shape[0]
+        g = _rows(g, module).double()
         acc_b += g.T @ g
 
     def _per_example_func(self, *args) -> None:
@@ -539,6 +546,14 @@ class _KroneckerEngine(_TapEngine):
             "a Kronecker-factored GGN needs each layer called once per forward (no weight "
             "sharing); use covariance='diagonal'"
         )
+
+
+def _rows(x: Tensor, module: nn.Module) -> Tensor:
+    """(rows, channels): a Linear layer's (N, features), or a 1x1 convolution's
+    (N, C, *spatial) with every position a row."""
+    if isinstance(module, nn.Linear):
+        return x
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
 def _bias_gradients(module: nn.Module, g: Tensor) -> Tensor:

@@ -1,9 +1,12 @@
-"""A Kronecker-factored Gaussian posterior for a fully Bayesian Linear layer.
+"""A Kronecker-factored Gaussian posterior for a fully Bayesian Linear layer (or 1x1
+convolution).
 
 The diagonal posterior of :mod:`bnnconvert.layers` gives each entry its own sigma and no
 correlation. For a Linear layer whose every weight and bias is Bayesian (the last layer of
 a classifier, ``bnnconvert convert --last-layer``) a Kronecker-factored Laplace posterior
-keeps the correlations the data induce, at the cost of two small eigenbases:
+keeps the correlations the data induce, at the cost of two small eigenbases. A 1x1
+convolution (a segmentation network's head) is the same map applied at every position:
+each position is one input row (one "example" of A, its GGN summed into B):
 
     W~ = [W, b]  (C x P, P = in_features + 1 with a bias),
     precision of vec(W~) = B kron A + lambda I,

@@ -380,12 +380,18 @@ class BayesianLayer:
         return mean, variance
 
     def _kronecker_moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`output_moments` of a Kronecker-factored posterior (a Linear layer)."""
+        """:meth:`output_moments` of a Kronecker-factored posterior (a Linear layer, or a
+        1x1 convolution: each position is one input row)."""
         mean = super().forward(x)
         qa, qb, var = (self._buffers[k] for k in kronecker.KRONECKER_BUFFERS)
-        phi = kronecker.augment(x, "bias" in self.bayes_names)
+        channels_last = isinstance(self, _ConvNd)
+        rows = x.movedim(1, -1) if channels_last else x
+        phi = kronecker.augment(rows, "bias" in self.bayes_names)
         variance = kronecker.output_variance(phi, qa, qb, var, self._buffers["bayes_scale"])
-        return mean, variance.to(mean.dtype).view(mean.shape)
+        variance = variance.to(mean.dtype)
+        if channels_last:
+            return mean, variance.view(*mean.movedim(1, -1).shape).movedim(-1, 1)
+        return mean, variance.view(mean.shape)
 
     # ----------------------------------------------------------------- Kronecker
     @property
@@ -394,11 +400,12 @@ class BayesianLayer:
         return "kron_var" in self._buffers
 
     def set_kronecker_posterior(self, qa: Tensor, qb: Tensor, var: Tensor) -> None:
-        """Give this Linear layer the Kronecker-factored posterior (Q_A (P, P), Q_B (C, C),
-        V (C, P)) of :mod:`bnnconvert.kronecker`; rho becomes the marginal sigma (t = 1).
+        """Give this Linear layer (or 1x1 convolution) the Kronecker-factored posterior
+        (Q_A (P, P), Q_B (C, C), V (C, P)) of :mod:`bnnconvert.kronecker`; rho becomes the
+        marginal sigma (t = 1).
 
-        Raises ValueError unless the layer is a Linear whose every weight entry, and every
-        bias entry if it has a bias, is Bayesian.
+        Raises ValueError unless the layer is a Linear or 1x1 convolution whose every
+        weight entry, and every bias entry if it has a bias, is Bayesian.
         """
         self._check_kronecker()
         mu = self._parameters["weight"]
@@ -417,16 +424,20 @@ class BayesianLayer:
 
     def _check_kronecker(self) -> None:
         problem = None
-        if not isinstance(self, nn.Linear):
-            problem = f"it is a {self._bayes_base.__name__}, not a Linear layer"
+        if not is_pointwise(self):
+            problem = (
+                f"it is a {self._bayes_base.__name__}, not a Linear layer or a 1x1 "
+                "convolution (stride 1, no padding, one group)"
+            )
         elif "weight" not in self.bayes_names or not self.is_dense("weight"):
             problem = "not every entry of its weight is Bayesian"
         elif self.bias is not None and not ("bias" in self.bayes_names and self.is_dense("bias")):
             problem = "not every entry of its bias is Bayesian"
         if problem:
             raise ValueError(
-                f"a Kronecker-factored posterior needs a Linear layer whose every weight and "
-                f"bias entry is Bayesian, but {problem}; convert the layer whole (e.g. "
+                "a Kronecker-factored posterior needs a Linear layer or 1x1 convolution whose "
+                f"every weight and bias entry is Bayesian, but {problem}; convert the layer "
+                "whole (e.g. "
                 "`bnnconvert convert --last-layer`, bnnconvert.last_layer_masks) or use "
                 "covariance='diagonal'"
             )
@@ -441,7 +452,7 @@ class BayesianLayer:
         mu = self._parameters["weight"]
         qa, qb, var = (self._buffers[k] for k in kronecker.KRONECKER_BUFFERS)
         delta = kronecker.draw(qa, qb, var, self._buffers["bayes_scale"]).to(mu.dtype)
-        weight = mu + delta[:, : mu.shape[1]]
+        weight = mu + delta[:, : mu.shape[1]].view(mu.shape)
         if "bias" not in self.bayes_names:
             return (weight,)
         return weight, self._parameters["bias"] + delta[:, -1]
@@ -680,6 +691,23 @@ class BayesianOwner:
             return super().forward(*args, **kwargs)
         finally:
             _restore(saved)
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    """True for a Linear layer and for a convolution that maps each position's channels
+    by the same matrix (kernel 1, stride 1, no padding, one group, not transposed): the
+    layers a Kronecker-factored posterior fits."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (
+        isinstance(module, _ConvNd)
+        and not module.transposed
+        and all(k == 1 for k in module.kernel_size)
+        and all(s == 1 for s in module.stride)
+        and module.groups == 1
+        and (module.padding == "valid" or module.padding == "same"
+             or all(p == 0 for p in module.padding))
+    )  # fmt: skip
 
 
 def expect_kronecker(layer: BayesianLayer, stored: Mapping[str, Tensor | None]) -> None:

@@ -9,10 +9,10 @@ training data, by one of:
   summed over the training data (:func:`bnnconvert.curvature.diagonal_ggn`) and lambda,
   the precision of the prior N(0, 1 / lambda), maximising the Laplace marginal likelihood
   (:func:`bnnconvert.curvature.fit_prior_precision`) or given. With
-  ``covariance="kron"`` the posterior of each (fully Bayesian) Linear layer is instead
-  Kronecker-factored, precision B kron A + lambda I (:mod:`bnnconvert.kronecker`,
-  :func:`bnnconvert.curvature.kronecker_ggn`), lambda by the same evidence with the
-  Kronecker eigenvalues;
+  ``covariance="kron"`` the posterior of each (fully Bayesian) Linear layer or 1x1
+  convolution is instead Kronecker-factored, precision B kron A + lambda I
+  (:mod:`bnnconvert.kronecker`, :func:`bnnconvert.curvature.kronecker_ggn`), lambda by
+  the same evidence with the Kronecker eigenvalues;
 - ``"vi"``: ELBO fine-tuning that learns sigma: the textbook KL (summed over the entries)
   divided by the number of training examples and multiplied by a temperature, a prior
   N(0, 1 / lambda) fitted to the scale of the selected weights, and Adam on rho (SGD's step
@@ -191,11 +191,12 @@ def fit_posterior(
             likelihood's lambda; "vi": "marglik" fits the prior to the weights' scale,
             lambda = k / |theta|^2 (the evidence's optimum when the data constrain nothing).
         covariance: "diagonal" or "kron" ("laplace" only; "kron" needs every Bayesian
-            layer to be a Linear whose every entry is Bayesian, e.g. ``--last-layer``).
+            layer to be a Linear or a 1x1 convolution whose every entry is Bayesian, e.g.
+            ``--last-layer`` of a classifier or of a segmentation network).
         curvature, mc_samples: the GGN estimator ("mc" or "exact") of
             :func:`~bnnconvert.curvature.diagonal_ggn` /
             :func:`~bnnconvert.curvature.kronecker_ggn`, "laplace" only. Default: "mc" for
-            the diagonal, "exact" for "kron".
+            the diagonal and for segmentation, else "exact" for "kron".
         epochs: training epochs ("vi", "paper").
         kl_temperature: "vi": the KL's weight relative to the textbook ELBO (beta =
             kl_temperature / N_train); 1 is the Bayesian posterior.
@@ -230,9 +231,9 @@ def fit_posterior(
     set_sigma_scale(model, 1.0)
     set_temperature(model, 1.0)
     if method == "laplace" and covariance == "kron":
-        _fit_kronecker(model, train_data, report, task, prior_precision,
-                       curvature or "exact", mc_samples, seed, device, progress,
-                       fmt)  # fmt: skip
+        exact = "mc" if task == "segmentation" else "exact"  # "exact" needs (N, C) outputs
+        _fit_kronecker(model, train_data, report, task, prior_precision, curvature or exact,
+                       mc_samples, seed, device, progress, fmt)  # fmt: skip
     elif method == "laplace":
         _fit_laplace(model, train_data, report, task, prior_precision, curvature or "mc",
                      mc_samples, seed, device, progress, fmt)  # fmt: skip

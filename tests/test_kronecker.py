@@ -234,7 +234,7 @@ def test_kronecker_refusals():
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten())
     pconv = bnnconvert.convert(conv, bnnconvert.last_layer_masks(conv), None)
     images = [(torch.randn(4, 1, 5, 5), torch.zeros(4, 3, 3, dtype=torch.long))]
-    with pytest.raises(ValueError, match="not a Linear layer"):
+    with pytest.raises(ValueError, match="not a Linear layer or a 1x1"):
         bnnconvert.fit_posterior(pconv, images, covariance="kron", task="segmentation")
     whole = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
     with pytest.raises(ValueError, match="needs method='laplace'"):
@@ -269,3 +269,54 @@ def test_flops_of_the_draw_and_the_probit_equal_an_analytic_count():
     elementwise = (n * p + 1 + c * c) + c * p + 2 * n * c + n * c + n * c
     assert probit.by_operator["matmul"] == variance
     assert probit.total == body + variance + elementwise and probit.unsupported_ops == {}
+
+
+def _segmenter(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 1))
+
+
+def test_one_by_one_convolution_head_every_position_a_row():
+    """A segmentation head (1x1 convolution): A is the mean over every position of
+    phi~ phi~^T, B the sum over positions of diag(p) - p p^T (Monte Carlo with many targets
+    against that closed form); the fitted head's per-pixel output variance equals the dense
+    covariance's, and its draws have the weight's shape."""
+    net = _segmenter()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 2, 5, 5, generator=g), torch.randint(0, 4, (8, 5, 5), generator=g)
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    with torch.no_grad():
+        h = net[1](net[0](x))
+        p = net(x).softmax(1).movedim(1, -1).reshape(-1, 4).double()
+    phi = torch.cat([h.movedim(1, -1).reshape(-1, 3), torch.ones(200, 1)], 1).double()
+    a_ref = phi.T @ phi / 200
+    b_ref = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).sum(0)
+    curv = kronecker_ggn(net, data, ["2"], method="mc", mc_samples=3000, seed=1)
+    a, b = curv.factors["2"]
+    torch.testing.assert_close(a, a_ref, rtol=1e-5, atol=1e-6)
+    assert (b - b_ref).abs().max() < 0.03 * b_ref.abs().max()
+
+    pbnn = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
+    report = bnnconvert.fit_posterior(pbnn, data, task="segmentation", covariance="kron")
+    a, b = kronecker_ggn(pbnn, data, ["2"], method="mc", seed=0).factors["2"]
+    sigma = torch.linalg.inv(_dense_precision(a, b, report.prior_precision)).view(4, 4, 4, 4)
+    set_sigma_scale(pbnn, 1.5)
+    mean, var = pbnn[2].output_moments(h)
+    ref = torch.stack([((phi @ sigma[k, :, k, :]) * phi).sum(1) for k in range(4)], 1)
+    ref = ref.view(8, 5, 5, 4).movedim(-1, 1)
+    torch.testing.assert_close(var.double(), 1.5**2 * ref, rtol=1e-4, atol=1e-8)
+    with mean_weights(pbnn):
+        torch.testing.assert_close(mean, pbnn(x))
+    weight, bias = pbnn[2].kronecker_sample()
+    assert weight.shape == (4, 3, 1, 1) and bias.shape == (4,)
+    bnnconvert.set_predictive(pbnn, "probit", x)
+    assert pbnn(x).shape == (8, 4, 5, 5)
+
+
+def test_kronecker_refuses_a_spatial_convolution():
+    """A 3x3 convolution is not pointwise: refused, naming the layers that fit."""
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1))
+    pbnn = bnnconvert.convert(net, bnnconvert.last_layer_masks(net), None)
+    data = [(torch.randn(2, 2, 5, 5), torch.zeros(2, 5, 5, dtype=torch.long))]
+    with pytest.raises(ValueError, match="1x1 convolution"):
+        bnnconvert.fit_posterior(pbnn, data, task="segmentation", covariance="kron")

@@ -178,7 +178,8 @@ Examples:
     default="diagonal",
     show_default=True,
     help="With --posterior laplace: one sigma per entry, or kron: a Kronecker-factored "
-    "covariance of each Linear layer whose every entry is Bayesian (with --last-layer).",
+    "covariance of each Linear layer or 1x1 convolution whose every entry is Bayesian "
+    "(with --last-layer).",
 )
 @click.option("--val-data", help="Validation data (never the test split): calibration, auto.")
 @click.option(
