@@ -505,17 +505,20 @@ def run_segmentation_seed(seed: int, sets, folder: Path, quick: bool) -> dict[st
             }
             record(f"{method}, {selection}", bayes_predictor(pbnn, SAMPLES, 2), info)
             record(f"{method}, {selection} at its means", at_means(pbnn))
-    # the head's posterior with the closed-form probit predictive (no draws)
-    pbnn = bnnconvert.convert(model, head, None, moped_delta=0.1)
-    loader = make_loader(sets["train"], 10, shuffle=False, seed=seed)
-    report = bnnconvert.fit_posterior(
-        pbnn, loader, val, method="laplace", seed=seed, task="segmentation", predictive="probit"
-    )
-    cal = report.calibration
-    info = {"scale": cal.scale, "temperature": cal.temperature, "val_nll": cal.nll,
-            "prior_precision": report.prior_precision, "timing": report.seconds}  # fmt: skip
-    record("laplace, last layer, probit", bayes_predictor(pbnn, 1, 2), info)
-    record("laplace, last layer, probit at its means", at_means(pbnn))
+    # the head's posterior with the closed-form probit predictive (no draws): diagonal,
+    # and Kronecker-factored (the 1x1 convolution, every pixel a row)
+    for covariance, label in (("diagonal", ""), ("kron", ", Kronecker")):
+        pbnn = bnnconvert.convert(model, head, None, moped_delta=0.1)
+        loader = make_loader(sets["train"], 10, shuffle=False, seed=seed)
+        report = bnnconvert.fit_posterior(
+            pbnn, loader, val, method="laplace", seed=seed, task="segmentation",
+            predictive="probit", covariance=covariance,
+        )  # fmt: skip
+        cal = report.calibration
+        info = {"scale": cal.scale, "temperature": cal.temperature, "val_nll": cal.nll,
+                "prior_precision": report.prior_precision, "timing": report.seconds}  # fmt: skip
+        record(f"laplace, last layer{label}, probit", bayes_predictor(pbnn, 1, 2), info)
+        record(f"laplace, last layer{label}, probit at its means", at_means(pbnn))
     return {"results": results, "bins": bins}
 
 

@@ -202,7 +202,8 @@ def test_posterior_study_predictive_task(tmp_path):
 def test_posterior_study_covariance_task(tmp_path):
     """The study's covariance task (quick): the Kronecker rows are calibrated with the probit,
     never worse than temperature scaling on the validation NLL (t = 0 is in the grid), at
-    their means predict the checkpoint's classes, and the report names the rule's choice."""
+    their means predict the checkpoint's classes; every row has the validation-OOD AUROC;
+    the report names the rule's choice."""
     rows = _study("covariance", tmp_path)
     ts = rows["temperature scaling"]
     for name in ("t by the validation NLL", "t by synthetic outliers"):
@@ -210,6 +211,7 @@ def test_posterior_study_covariance_task(tmp_path):
         assert kron["val_nll"] <= ts["val_nll"] + 1e-6
         means = rows[f"laplace, last layer, Kronecker, probit, {name}, at its means"]
         assert means["accuracy"] == ts["accuracy"]
+    assert all(0.0 <= row["auroc_valood"] <= 1.0 for row in rows.values())
     report = json.loads((tmp_path / "covariance.json").read_text())
     assert report["default"] in rows and "Kronecker" in str(report["paired_other"])
 
