@@ -217,6 +217,28 @@ def test_posterior_study_covariance_task(tmp_path):
 
 
 @pytest.mark.integration
+def test_posterior_study_segmentation_task(tmp_path):
+    """The study's segmentation task (quick, a briefly trained UNet): every posterior row,
+    the head's diagonal and Kronecker probit rows included, is calibrated (t, T, validation
+    NLL); at its means each predicts the checkpoint's masks (the same Dice); the default
+    is within 1 % of the lowest validation NLL, as the rule says."""
+    cmd = [sys.executable, str(STUDY), "--task", "segmentation", "--quick", "--seeds", "0"]
+    subprocess.run([*cmd, "--out", str(tmp_path)], check=True, capture_output=True, text=True,
+                   timeout=600)  # fmt: skip
+    report = json.loads((tmp_path / "segmentation.json").read_text())
+    rows = report["seeds"][0]
+    calibrated = [name for name, row in rows.items() if "val_nll" in row]
+    assert "laplace, last layer, Kronecker, probit" in calibrated and len(calibrated) == 6
+    for name in calibrated:
+        assert rows[name]["scale"] >= 0 and rows[name]["temperature"] > 0
+        assert rows[f"{name} at its means"]["dice"] == rows["checkpoint"]["dice"]
+    best = min(rows[name]["val_nll"] for name in calibrated)
+    assert report["default"] in calibrated
+    assert rows[report["default"]]["val_nll"] <= best * 1.01
+    assert (tmp_path / "segmentation.md").read_text().count("\n| ") == len(rows) + 1
+
+
+@pytest.mark.integration
 def test_predict_memory_quick_run(tmp_path):
     """bench_predict_memory --quick: the two-stage 3-D UNet (bnnconvert.models.UNet with
     spatial_dims=3, base 8, depth 1) on 16^3 volumes, one forward row and one row per N."""
