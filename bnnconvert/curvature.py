@@ -209,12 +209,14 @@ def _run(engine, data, likelihood, method, mc_samples, noise_std, seed, device, 
 
 @dataclass
 class KroneckerCurvature:
-    """The Kronecker factors of the GGN of Linear layers (see :mod:`bnnconvert.kronecker`).
+    """The Kronecker factors of the GGN of Linear layers and 1x1 convolutions (see
+    :mod:`bnnconvert.kronecker`).
 
     Attributes:
         factors: {layer name: (A (P, P), B (C, C))}: A the mean of phi~ phi~^T over the
-            examples (phi~ the layer's input with a 1 appended if it has a bias), B the sum
-            over the examples of the GGN of the NLL in the layer's output.
+            input rows (phi~ the layer's input with a 1 appended if it has a bias; a row per
+            example, or per example and position for a 1x1 convolution), B the sum over
+            the rows of the GGN of the NLL in the layer's output.
         num_data, likelihood, method, seconds: as in :class:`Curvature`.
     """
 
@@ -239,13 +241,18 @@ def kronecker_ggn(
     progress: bool = False,
     batch_format: BatchFormat | None = None,
 ) -> KroneckerCurvature:
-    """The K-FAC factors of the GGN of the NLL over ``data`` for the named Linear layers.
+    """The K-FAC factors of the GGN of the NLL over ``data`` for the named Linear layers
+    or 1x1 convolutions (:func:`bnnconvert.layers.is_pointwise`).
 
     One forward per batch (hooks keep each layer's input) and one backward per residual of
     :func:`diagonal_ggn` ("exact": C columns of a square root of the output Hessian, so B
-    is exact for the last layer; "mc": ``mc_samples`` drawn targets). Each layer must take
-    (N, in_features) inputs and be called once per forward. Arguments as for
-    :func:`diagonal_ggn`; ``layers``: module names (of Linear layers, converted or not).
+    is exact for the last layer; "mc": ``mc_samples`` drawn targets). A Linear layer must
+    take (N, in_features) inputs, a 1x1 convolution contributes a row per position, and
+    each layer must be called once per forward. Arguments as for :func:`diagonal_ggn`;
+    ``layers``: module names (converted or not).
+
+    Raises ValueError for an unknown or unsuitable layer name, an empty ``layers``, a
+    layer called more than once per forward, or Linear inputs with extra dimensions.
 
     Returns a :class:`KroneckerCurvature` (float64 factors on the model's device).
     """
@@ -508,7 +515,7 @@ class _KroneckerEngine(_TapEngine):
                     "1x1 convolutions (stride 1, no padding, one group)"
                 )
         if not layers:
-            raise ValueError("layers is empty; name at least one Linear layer")
+            raise ValueError("layers is empty; name at least one Linear layer or 1x1 convolution")
         super().__init__(model, {f"{name}.weight": None for name in layers}, fmt)
         self.kron: dict[str, list[Tensor]] = {}
         self.rows: dict[str, int] = dict.fromkeys(self.modules, 0)

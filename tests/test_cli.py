@@ -241,7 +241,8 @@ def _library_last_layer(ws, **options):
 def test_convert_covariance_kron_matches_the_library(ws, pipeline):
     """convert --last-layer --covariance kron: the library's Kronecker-factored posterior
     (the same lambda, t and T), saved with its factors, predicting as the library's model;
-    --covariance kron without --posterior laplace is refused (exit 2, no file)."""
+    --covariance kron without --posterior laplace (exit 2) and with a partial selection
+    (exit 1, the fix named) are refused, with no file."""
     data = ws / "digits.npz"
     args = ["convert", ws / "det.pt", "--data", data, "--val-data", data, "--posterior",
             "laplace", "--last-layer", "--covariance", "kron", *BATCH]  # fmt: skip
@@ -260,6 +261,10 @@ def test_convert_covariance_kron_matches_the_library(ws, pipeline):
     bad = CliRunner().invoke(main, [str(a) for a in bad_args])
     assert bad.exit_code == 2 and "--covariance kron needs --posterior laplace" in bad.output
     assert not (ws / "x.pt").exists()
+    partial = ["convert", ws / "det.pt", "--data", data, "--posterior", "laplace",
+               "--covariance", "kron", "--saliency", "magnitude", "--r-bayes", "0.01",
+               *BATCH, "-o", ws / "x.pt"]  # fmt: skip
+    _fails(partial, "Kronecker-factored posterior needs", "--last-layer", output=ws / "x.pt")
 
 
 def test_convert_outliers_synthetic_chooses_the_scale_for_ood_detection(ws, pipeline):

@@ -320,3 +320,38 @@ def test_kronecker_refuses_a_spatial_convolution():
     data = [(torch.randn(2, 2, 5, 5), torch.zeros(2, 5, 5, dtype=torch.long))]
     with pytest.raises(ValueError, match="1x1 convolution"):
         bnnconvert.fit_posterior(pbnn, data, task="segmentation", covariance="kron")
+
+
+def test_kronecker_ggn_and_loading_refuse_what_they_cannot_handle(tmp_path):
+    """kronecker_ggn: an unknown name, a strided 1x1 convolution, an empty list and a layer
+    called twice per forward are refused; loading a file whose Kronecker buffers are
+    incomplete says the file is damaged."""
+    net = _net()
+    _, _, data = _data()
+    with pytest.raises(ValueError, match="'head' is no module"):
+        kronecker_ggn(net, data, ["head"])
+    with pytest.raises(ValueError, match="layers is empty"):
+        kronecker_ggn(net, data, [])
+    strided = nn.Sequential(nn.Conv2d(2, 3, 1, stride=2))
+    with pytest.raises(ValueError, match=r"is a Conv2d; .*1x1 convolutions"):
+        kronecker_ggn(strided, [(torch.randn(2, 2, 4, 4), None)], ["0"])
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    with pytest.raises(ValueError, match="called once per forward"):
+        kronecker_ggn(Twice(), [(torch.randn(3, 4), None)], ["fc"])
+
+    pbnn, _, _, _, _ = _fitted()
+    path = tmp_path / "kron.pt"
+    bnnconvert.save(pbnn, path)
+    payload = torch.load(path, weights_only=False)
+    del payload["state_dict"]["2.kron_qa"]
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="lacks \\['kron_qa'\\]; the file is damaged"):
+        bnnconvert.load(path, model=_net(5))

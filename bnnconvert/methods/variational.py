@@ -35,7 +35,8 @@ class VariationalMethod(Method):
             conversion, calibrated on ``val_data`` when :meth:`fit` gets it (``epochs``
             is the fine-tuning budget of "vi" and "paper"; "laplace" trains nothing).
         covariance: with ``posterior="laplace"``: "diagonal" or "kron" (a
-            Kronecker-factored covariance for each fully Bayesian Linear layer).
+            Kronecker-factored covariance for each fully Bayesian Linear layer or 1x1
+            convolution).
 
     Attributes:
         report: the :class:`~bnnconvert.posterior.PosteriorReport` of the last fit with a
