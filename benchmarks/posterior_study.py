@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -900,6 +902,7 @@ def calibrations_seed(
     outliers = bnnconvert.synthetic_outliers(sets["val"][0], seed=seed)
     for name, (predictive, by_outliers, *structure) in variants.items():
         covariance = structure[0] if structure else "diagonal"
+        scales = structure[1] if len(structure) > 1 else None  # a fixed grid, or "hindsight"
         if covariance not in fitted:
             pbnn = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
             report = bnnconvert.fit_posterior(
@@ -913,14 +916,190 @@ def calibrations_seed(
         extra = {"outliers": outliers} if by_outliers else {}
         if predictive == "probit":
             extra["predictive"] = "probit"
+        if scales is not None:  # t fixed (T still on validation), or every t of SCALE_GRID
+            grid = SCALE_GRID if scales == "hindsight" else scales
+            extra.update(scales=grid, refine=False)
         cal = calibrate_posterior(calibrated, val_loader(sets), samples=samples, seed=seed, **extra)
+        if scales == "hindsight":
+            cal = hindsight_scale(calibrated, cal, sets, seed)
         info = {"scale": cal.scale, "temperature": cal.temperature, "val_nll": cal.nll}
         info["calibration_seconds"] = cal.seconds
         if cal.outlier_auroc:
             info["val_outlier_auroc"] = cal.outlier_auroc[cal.scale]
         record(name, bayes_predictor(calibrated, cal.samples), info)
-        record(f"{name}, at its means", at_means(calibrated), {})
+        if scales != "hindsight":  # a ceiling, not a recipe: no "at its means" row
+            record(f"{name}, at its means", at_means(calibrated), {})
     return {"seed": seed, "results": rows, "items": items}
+
+
+# ---------------------------------------------------------------------- scale
+SCALE_GRID = (0.0, *(2.0 ** (k / 2) for k in range(-8, 7)))
+"""t = 0 and 2^(k/2) for k = -8 .. 6 (0.0625 .. 8): DEFAULT_SCALES with the sqrt(2) steps
+that calibrate_posterior's refinement would try."""
+
+POOLED_DIAG = "laplace, last layer, probit, t pooled"
+POOLED_KRON = "laplace, last layer, Kronecker, probit, t pooled"
+UNIT_DIAG = "laplace, last layer, probit, t = 1"
+HINDSIGHT_DIAG = "laplace, last layer, probit, t by the test NLL (ceiling)"
+HINDSIGHT_KRON = "laplace, last layer, Kronecker, probit, t by the test NLL (ceiling)"
+
+
+def hindsight_scale(model: nn.Module, cal, sets, seed: int):
+    """A ceiling, not a method: among the (t, T) of ``cal.curve`` (T fitted on validation at
+    each t) the one with the lowest *test* NLL, set in ``model``; returns ``cal`` with that
+    t, T and validation NLL."""
+    y = sets["test"][1]
+    best = None
+    for t, temp, val_nll in cal.curve:
+        set_sigma_scale(model, t)
+        bnnconvert.calibration.set_temperature(model, temp)
+        torch.manual_seed(1000 + seed)
+        nll = float(evaluate(bayes_predictor(model, 1)(sets["test"][0]), y)["nll"])
+        if best is None or nll < best[0]:
+            best = (nll, t, temp, val_nll)
+    _, t, temp, val_nll = best
+    set_sigma_scale(model, t)
+    bnnconvert.calibration.set_temperature(model, temp)
+    return dataclasses.replace(cal, scale=t, temperature=temp, nll=val_nll)
+
+
+def scale_choose_seed(seed: int, sets, folder: Path, quick: bool) -> dict[str, Any]:
+    """Validation data only: the validation NLL of the diagonal and the Kronecker last-layer
+    posteriors (probit) at every t of SCALE_GRID, T fitted at each t."""
+    model = checkpoint(sets, seed, folder, quick)
+    curves = {}
+    for covariance in ("diagonal", "kron"):
+        pbnn = bnnconvert.convert(model, masks_last_layer(model), None, moped_delta=0.1)
+        bnnconvert.fit_posterior(
+            pbnn, train_loader(sets, seed, shuffle=False), method="laplace",
+            covariance=covariance, seed=seed, progress=False,
+        )  # fmt: skip
+        cal = calibrate_posterior(
+            pbnn, val_loader(sets), scales=SCALE_GRID, refine=False, predictive="probit",
+            seed=seed,
+        )  # fmt: skip
+        curves[covariance] = [list(row) for row in cal.curve]
+        log.info("seed %d, %s: %s", seed, covariance, cal.curve)
+    return {"seed": seed, "curves": curves}
+
+
+def choose_scale(seeds: list[dict], tolerance: float = 0.01) -> dict[str, Any]:
+    """The rule (fixed before any test number was computed): per covariance, the t of
+    SCALE_GRID with the lowest validation NLL averaged over the seeds (each at its own T);
+    then the covariance with the lower pooled NLL at its t, the diagonal within
+    ``tolerance`` (relative) of the best."""
+    pooled = {
+        cov: {t: float(np.mean([[r[2] for r in s["curves"][cov] if r[0] == t] for s in seeds]))
+              for t in SCALE_GRID}
+        for cov in ("diagonal", "kron")
+    }  # fmt: skip
+    scale = {cov: min(curve, key=curve.get) for cov, curve in pooled.items()}
+    best = {cov: pooled[cov][scale[cov]] for cov in pooled}
+    chosen = "diagonal" if best["diagonal"] <= min(best.values()) * (1 + tolerance) else "kron"
+    return {"pooled": pooled, "scale": scale, "covariance": chosen}
+
+
+def scale_choose_main(args, folder: Path) -> None:
+    """Write scale_choice.json / .md: the pooled validation curves and the chosen t."""
+    sets = load_sets(args.quick)
+    seeds = [scale_choose_seed(seed, sets, folder, args.quick) for seed in args.seeds]
+    report = {"machine": _machine(), "seeds": seeds, **choose_scale(seeds)}
+    (folder / "scale_choice.json").write_text(json.dumps(report, indent=1))
+    lines = [
+        f"Machine: {report['machine']}; seeds " + ", ".join(str(s["seed"]) for s in seeds)
+        + "; validation split only.", "",
+        "Validation NLL (probit, T fitted at each t), mean over the seeds:", "",
+        "| t | diagonal | Kronecker |", "|---:|---:|---:|",
+    ]  # fmt: skip
+    for t in SCALE_GRID:
+        cells = [f"{report['pooled'][c][t]:.5f}" for c in ("diagonal", "kron")]
+        lines.append(f"| {t:.4g} | " + " | ".join(cells) + " |")
+    lines += ["", f"Chosen: t = {report['scale']['diagonal']:.4g} (diagonal), "
+              f"{report['scale']['kron']:.4g} (Kronecker); covariance "
+              f"**{report['covariance']}**."]  # fmt: skip
+    (folder / "scale_choice.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def scale_seed(seed: int, sets, folder: Path, quick: bool, choice: dict) -> dict[str, Any]:
+    """The default (t by this seed's validation NLL), t fixed at the pooled choice (diagonal
+    and Kronecker), t = 1 (the fitted posterior, T on validation) and the hindsight ceiling
+    (t by the test NLL), beside temperature scaling and laplace-torch."""
+    scale = choice["scale"]
+    variants = {
+        PROBIT_NLL: ("probit", False),
+        POOLED_DIAG: ("probit", False, "diagonal", (scale["diagonal"],)),
+        POOLED_KRON: ("probit", False, "kron", (scale["kron"],)),
+        UNIT_DIAG: ("probit", False, "diagonal", (1.0,)),
+        HINDSIGHT_DIAG: ("probit", False, "diagonal", "hindsight"),
+        HINDSIGHT_KRON: ("probit", False, "kron", "hindsight"),
+    }
+    return calibrations_seed(seed, sets, folder, quick, variants)
+
+
+def criteria(seeds: list[dict], name: str) -> dict[str, Any]:
+    """#13's must-shows for row ``name`` on ``seeds``: paired NLL and far-OOD AUROC against
+    temperature scaling, the far gain per seed, the accuracy gap, and the far AUROC against
+    the row at its means, per seed."""
+    ts = "temperature scaling"
+    far = [s["results"][name]["auroc_far"] - s["results"][ts]["auroc_far"] for s in seeds]
+    acc = [s["results"][name]["accuracy"] - s["results"][ts]["accuracy"] for s in seeds]
+    means = f"{name}, at its means"
+    vs_means = [s["results"][name]["auroc_far"] - s["results"][means]["auroc_far"]
+                for s in seeds if means in s["results"]]  # fmt: skip
+    nll = paired_interval(seeds, name, ts, "nll")
+    return {
+        "nll": nll, "nll_met": nll[2] < 0,
+        "far": paired_interval(seeds, name, ts, "auroc_far"), "far_per_seed": far,
+        "far_met": float(np.mean(far)) >= 0.02 and min(far) >= 0,
+        "accuracy_gap": acc, "accuracy_met": min(acc) >= -0.005,
+        "vs_means": vs_means, "vs_means_met": bool(vs_means) and min(vs_means) > 0,
+        "near": paired_interval(seeds, name, ts, "auroc_near"),
+    }  # fmt: skip
+
+
+def choice_path(folder: Path) -> Path:
+    return folder / "scale_choice.json"
+
+
+def scale_criteria(seeds: list[dict], choice: dict) -> dict[str, dict]:
+    """criteria() of the default and the pooled-t rows on the seeds the choice was made on,
+    on the others (fresh: their validation data did not enter the choice) and on all."""
+    chosen = {s["seed"] for s in choice["seeds"]}
+    groups = {
+        "choice seeds": [s for s in seeds if s["seed"] in chosen],
+        "fresh seeds": [s for s in seeds if s["seed"] not in chosen],
+        "all": seeds,
+    }
+    return {
+        f"{group} ({', '.join(str(s['seed']) for s in runs)})": {
+            name: criteria(runs, name) for name in (PROBIT_NLL, POOLED_DIAG, POOLED_KRON)
+        }
+        for group, runs in groups.items()
+        if runs
+    }
+
+
+def criteria_markdown(report: dict[str, Any]) -> str:
+    lines = ["", "#13's must-shows per group of seeds (NLL and far-OOD AUROC minus temperature "
+             "scaling, paired 95 % bootstrap; far per seed; accuracy gap; far AUROC minus the "
+             "row at its means, per seed):", "",
+             "| row | seeds | NLL | met | far AUROC (per seed) | met | acc | vs means | near |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for group, rows in report["criteria"].items():
+        for name, c in rows.items():
+            nll, far, near = c["nll"], c["far"], c["near"]
+            per_seed = ", ".join(f"{g:+.3f}" for g in c["far_per_seed"])
+            lines.append(
+                f"| {name} | {group} | {nll[0]:+.4f} [{nll[1]:+.4f}, {nll[2]:+.4f}] | "
+                f"{'yes' if c['nll_met'] else 'no'} | {far[0]:+.4f} ({per_seed}) | "
+                f"{'yes' if c['far_met'] else 'no'} | {min(c['accuracy_gap']):+.3f} "
+                f"{'yes' if c['accuracy_met'] else 'no'} | "
+                + (f"{min(c['vs_means']):+.3f} {'yes' if c['vs_means_met'] else 'no'}"
+                   if c["vs_means"] else "")
+                + f" | {near[0]:+.4f} [{near[1]:+.4f}, {near[2]:+.4f}] |"
+            )  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 PAIRED_OTHER = {
@@ -933,6 +1112,10 @@ PAIRED_OTHER = {
         name: ("last-layer Laplace (laplace-torch)", PROBIT_NLL)
         for name in (KRON_NLL, KRON_SYNTHETIC)
     },
+    "scale": {
+        name: ("last-layer Laplace (laplace-torch)", PROBIT_NLL)
+        for name in (POOLED_DIAG, POOLED_KRON)
+    },
 }
 """Per task, {row: (the rows it is compared with, paired)} beside temperature scaling."""
 
@@ -940,7 +1123,7 @@ PAIRED_OTHER = {
 def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
     """Run ``run_seed`` (samples_seed or shape_seed) on every seed; write ``task``.json and
     ``task``.md with the paired differences against temperature scaling."""
-    sets = load_sets(args.quick, val_ood=task == "covariance")
+    sets = load_sets(args.quick, val_ood=task in ("covariance", "scale"))
     start = time.perf_counter()
     seeds = [run_seed(seed, sets, folder, args.quick) for seed in args.seeds]
     names = [n for n in seeds[0]["results"] if n != "temperature scaling"]
@@ -972,8 +1155,10 @@ def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
         report["default"] = choose_predictive(seeds)
     if task == "covariance":
         report["default"] = choose_covariance(seeds)
+    if task == "scale":
+        report["criteria"] = scale_criteria(seeds, json.loads(choice_path(folder).read_text()))
     (folder / f"{task}.json").write_text(json.dumps(report, indent=1))
-    text = samples_markdown(report)
+    text = samples_markdown(report) + (criteria_markdown(report) if task == "scale" else "")
     (folder / f"{task}.md").write_text(text)
     print(text)
 
@@ -1142,6 +1327,8 @@ def main() -> None:
             "outliers",
             "predictive",
             "covariance",
+            "scale-choose",
+            "scale",
         ),
         default="classification",
     )
@@ -1155,6 +1342,16 @@ def main() -> None:
         return
     if args.task == "sigma":
         sigma_histograms(args, folder)
+        return
+    if args.task == "scale-choose":
+        scale_choose_main(args, folder)
+        return
+    if args.task == "scale":
+        if not choice_path(folder).exists():
+            raise SystemExit(f"{choice_path(folder)} is missing: run --task scale-choose first")
+        choice = json.loads(choice_path(folder).read_text())
+        run = functools.partial(scale_seed, choice=choice)
+        last_layer_main(args, folder, "scale", run)
         return
     if args.task in LAST_LAYER_TASKS:
         last_layer_main(args, folder, args.task, LAST_LAYER_TASKS[args.task])
