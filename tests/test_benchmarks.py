@@ -217,6 +217,43 @@ def test_posterior_study_covariance_task(tmp_path):
 
 
 @pytest.mark.integration
+def test_posterior_study_scale_tasks(tmp_path):
+    """The study's scale tasks (quick): scale-choose writes, from validation data only, the
+    t with the lowest mean validation NLL (recomputed here from its curves); scale refuses
+    to run without that choice, then calibrates the pooled rows at exactly that t, their
+    validation NLL reproduces the choice's curve at t (same checkpoint, same data), and the
+    hindsight ceiling's test NLL is no higher than any row of its covariance that uses a t
+    of the grid with T fitted on validation."""
+    cmd = [sys.executable, str(STUDY), "--task", "scale", "--quick", "--seeds", "0"]
+    refused = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "scale-choose" in refused.stderr
+    choose = [sys.executable, str(STUDY), "--task", "scale-choose", "--quick", "--seeds", "0"]
+    subprocess.run([*choose, "--out", str(tmp_path)], check=True, capture_output=True,
+                   text=True, timeout=600)  # fmt: skip
+    choice = json.loads((tmp_path / "scale_choice.json").read_text())
+    for cov in ("diagonal", "kron"):
+        curve = choice["seeds"][0]["curves"][cov]
+        assert choice["scale"][cov] == min(curve, key=lambda row: row[2])[0]
+    rows = _study("scale", tmp_path)
+    for cov, pooled, ceiling, grid_rows in (
+        ("diagonal", "laplace, last layer, probit, t pooled",
+         "laplace, last layer, probit, t by the test NLL (ceiling)",
+         ("laplace, last layer, probit, t pooled", "laplace, last layer, probit, t = 1")),
+        ("kron", "laplace, last layer, Kronecker, probit, t pooled",
+         "laplace, last layer, Kronecker, probit, t by the test NLL (ceiling)",
+         ("laplace, last layer, Kronecker, probit, t pooled",)),
+    ):  # fmt: skip
+        t = choice["scale"][cov]
+        assert rows[pooled]["scale"] == pytest.approx(t)
+        at_t = [row for row in choice["seeds"][0]["curves"][cov] if row[0] == pytest.approx(t)]
+        assert rows[pooled]["val_nll"] == pytest.approx(at_t[0][2], rel=1e-6)
+        assert all(rows[ceiling]["nll"] <= rows[name]["nll"] + 1e-9 for name in grid_rows)
+        assert f"{pooled}, at its means" in rows and f"{ceiling}, at its means" not in rows
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert any(key.startswith("all") for key in report["criteria"])
+
+
+@pytest.mark.integration
 def test_posterior_study_segmentation_task(tmp_path):
     """The study's segmentation task (quick, a briefly trained UNet): every posterior row,
     the head's diagonal and Kronecker probit rows included, is calibrated (t, T, validation
