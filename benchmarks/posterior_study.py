@@ -603,16 +603,19 @@ def paired_interval(
         arrays = [[np.asarray(r["items"][m][k]) for m in (name, reference)
                    for k in ("entropy_test", ood)] for r in seeds]  # fmt: skip
         point = float(np.mean([_np_auroc(a[0], a[1]) - _np_auroc(a[2], a[3]) for a in arrays]))
-        per_seed = np.zeros((draws, n_seeds))
         n_test, n_ood = len(arrays[0][0]), len(arrays[0][1])
-        def resample() -> tuple[np.ndarray, np.ndarray]:
-            return rng.integers(0, n_test, n_test), rng.integers(0, n_ood, n_ood)
 
-        shared = [resample() for _ in range(draws)] if two_way else None
-        for s, (ta, oa, tb, ob) in enumerate(arrays):
-            for i in range(draws):
-                it, io = shared[i] if two_way else resample()
-                per_seed[i, s] = _np_auroc(ta[it], oa[io]) - _np_auroc(tb[it], ob[io])
+        def resample() -> tuple[np.ndarray, np.ndarray]:  # (draws, n_test), (draws, n_ood)
+            pairs = [(rng.integers(0, n_test, n_test), rng.integers(0, n_ood, n_ood))
+                     for _ in range(draws)]  # fmt: skip
+            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+        shared = resample() if two_way else None
+        columns = []
+        for ta, oa, tb, ob in arrays:
+            it, io = shared if two_way else resample()
+            columns.append(_auroc_rows(ta[it], oa[io]) - _auroc_rows(tb[it], ob[io]))
+        per_seed = np.stack(columns, 1)  # (draws, seeds)
     diffs = np.take_along_axis(per_seed, pick, 1).mean(1)
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return point, float(lo), float(hi)
@@ -620,6 +623,15 @@ def paired_interval(
 
 def _np_auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return _auroc(torch.from_numpy(neg), torch.from_numpy(pos))
+
+
+def _auroc_rows(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """_auroc of every row: neg (D, n), pos (D, m) -> (D,), ties by average ranks."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([neg, pos], 1), axis=1)
+    n_pos, n_neg = pos.shape[1], neg.shape[1]
+    return (ranks[:, n_neg:].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 # ---------------------------------------------------------------------- report
@@ -1098,6 +1110,57 @@ def scale_criteria(seeds: list[dict], choice: dict) -> dict[str, dict]:
     }
 
 
+def scale_intervals(seeds: list[dict], choice: dict) -> tuple[dict, str]:
+    """Two-way intervals (paired_interval) of every row of the scale task against
+    temperature scaling and of our rows against laplace-torch over every seed, and the
+    plan's decision rule (the pooled t minus the default on the fresh seeds, with both
+    schemes). Returns (numbers, markdown)."""
+    ts, lt = "temperature scaling", "last-layer Laplace (laplace-torch)"
+    stats = ("nll", "auroc_far", "auroc_near")
+    names = [n for n in seeds[0]["results"] if n != ts]
+    ours = [PROBIT_NLL, POOLED_DIAG, POOLED_KRON, UNIT_DIAG]
+    chosen = {s["seed"] for s in choice["seeds"]}
+    fresh = [s for s in seeds if s["seed"] not in chosen]
+    out = {
+        "vs_ts": {n: {k: paired_interval(seeds, n, ts, k, scheme="two-way") for k in stats}
+                  for n in names},
+        "vs_laplace_torch": {n: {k: paired_interval(seeds, n, lt, k, scheme="two-way")
+                                 for k in stats} for n in ours},
+        "decision": {scheme: {k: paired_interval(fresh, POOLED_DIAG, PROBIT_NLL, k, scheme=scheme)
+                              for k in stats} for scheme in ("per seed", "two-way")}
+        if fresh else {},
+    }  # fmt: skip
+
+    def cells(row: dict) -> str:
+        return " | ".join(f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]" for v in row.values())
+
+    head = ["| | NLL | far-OOD AUROC | near-OOD AUROC |", "|---|---|---|---|"]
+    lines = [f"Seeds {', '.join(str(s['seed']) for s in seeds)}; 95 % two-way bootstrap (the "
+             "test and OOD items, which every seed shares, resampled once per draw for all "
+             "seeds, and the seeds resampled), 2,000 draws.", "",
+             "Minus temperature scaling:", "", *head]  # fmt: skip
+    lines += [f"| {n} | {cells(r)} |" for n, r in out["vs_ts"].items()]
+    lines += ["", "Minus last-layer Laplace (laplace-torch):", "", *head]
+    lines += [f"| {n} | {cells(r)} |" for n, r in out["vs_laplace_torch"].items()]
+    if fresh:
+        lines += ["", f"The plan's decision: {POOLED_DIAG} minus {PROBIT_NLL}, fresh seeds "
+                  f"{', '.join(str(s['seed']) for s in fresh)} (adopt if the NLL's upper bound "
+                  "is below +0.002 and the far-OOD mean above 0):", "", *head]  # fmt: skip
+        lines += [f"| {scheme} | {cells(r)} |" for scheme, r in out["decision"].items()]
+    return out, "\n".join(lines) + "\n"
+
+
+def scale_intervals_main(folder: Path) -> None:
+    """Recompute scale_intervals.{json,md} from scale.json and scale_items.pt."""
+    report = json.loads((folder / "scale.json").read_text())
+    items = torch.load(folder / "scale_items.pt", weights_only=False)
+    seeds = [{**s, "items": items[s["seed"]]} for s in report["seeds"]]
+    out, text = scale_intervals(seeds, json.loads(choice_path(folder).read_text()))
+    (folder / "scale_intervals.json").write_text(json.dumps(out, indent=1))
+    (folder / "scale_intervals.md").write_text(text)
+    print(text)
+
+
 def criteria_markdown(report: dict[str, Any]) -> str:
     lines = ["", "#13's must-shows per group of seeds: NLL, far- and near-OOD AUROC minus "
              "temperature scaling (paired, 95 % two-way bootstrap: the items, shared by every "
@@ -1183,6 +1246,8 @@ def last_layer_main(args, folder: Path, task: str, run_seed: Callable) -> None:
     (folder / f"{task}.json").write_text(json.dumps(report, indent=1))
     items = {s["seed"]: s["items"] for s in seeds}
     torch.save(items, folder / f"{task}_items.pt")  # per item, for other intervals; ignored
+    if task == "scale":
+        scale_intervals_main(folder)
     text = samples_markdown(report) + (criteria_markdown(report) if task == "scale" else "")
     (folder / f"{task}.md").write_text(text)
     print(text)
@@ -1354,6 +1419,7 @@ def main() -> None:
             "covariance",
             "scale-choose",
             "scale",
+            "scale-intervals",
         ),
         default="classification",
     )
@@ -1370,6 +1436,9 @@ def main() -> None:
         return
     if args.task == "scale-choose":
         scale_choose_main(args, folder)
+        return
+    if args.task == "scale-intervals":
+        scale_intervals_main(folder)
         return
     if args.task == "scale":
         if not choice_path(folder).exists():

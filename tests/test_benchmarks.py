@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
@@ -214,6 +215,42 @@ def test_posterior_study_covariance_task(tmp_path):
     assert all(0.0 <= row["auroc_valood"] <= 1.0 for row in rows.values())
     report = json.loads((tmp_path / "covariance.json").read_text())
     assert report["default"] in rows and "Kronecker" in str(report["paired_other"])
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("posterior_study", STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_interval_two_way_counts_shared_items_once():
+    """Four seeds that are copies of one (the same items, the same differences): the
+    two-way bootstrap gives the interval of one seed (checked against a plain numpy
+    percentile bootstrap of the mean difference), while resampling each seed's items
+    independently narrows it about twofold, as if the seeds had scored 4x the items; the
+    point estimate (the mean difference, the AUROC difference) is the same in both."""
+    study = _load_study()
+    rng = np.random.default_rng(3)
+    items = {
+        m: {"nll": rng.exponential(0.2 if m == "a" else 0.25, 300).tolist(),
+            "entropy_test": rng.random(300).tolist(),
+            "entropy_ood": (rng.random(200) + (0.3 if m == "a" else 0.2)).tolist()}
+        for m in ("a", "b")
+    }  # fmt: skip
+    copies = [{"items": items}] * 4
+    d = np.asarray(items["a"]["nll"]) - np.asarray(items["b"]["nll"])
+    ref = np.percentile(d[rng.integers(0, len(d), (4000, len(d)))].mean(1), [2.5, 97.5])
+    two_way = study.paired_interval(copies, "a", "b", "nll", scheme="two-way")
+    per_seed = study.paired_interval(copies, "a", "b", "nll")
+    assert two_way[0] == pytest.approx(d.mean()) and per_seed[0] == pytest.approx(d.mean())
+    width = ref[1] - ref[0]
+    assert two_way[2] - two_way[1] == pytest.approx(width, rel=0.15)
+    assert per_seed[2] - per_seed[1] == pytest.approx(width / 2, rel=0.2)
+    far = [study.paired_interval(copies, "a", "b", "auroc_far", draws=300, scheme=scheme)
+           for scheme in ("two-way", "per seed")]  # fmt: skip
+    assert far[0][0] == pytest.approx(far[1][0])
+    assert far[1][2] - far[1][1] < 0.7 * (far[0][2] - far[0][1])
 
 
 @pytest.mark.integration
