@@ -59,6 +59,7 @@ from bnnconvert.metrics import (
     fpr_at_tpr,
 )
 from bnnconvert.models import UNet, resnet18
+from bnnconvert.paired import auroc_rows, paired_difference
 from bnnconvert.posterior import calibrate_posterior, fit_temperature, predictive_nll
 from bnnconvert.predict import Prediction, predict
 from bnnconvert.training import TrainSettings, train
@@ -574,64 +575,57 @@ def segmentation_markdown(seeds: list[dict], paired: dict) -> str:
 
 # ---------------------------------------------------------------------- statistics
 def paired_interval(
-    seeds: list[dict], name: str, reference: str, stat: str, draws: int = 2000,
+    seeds: list[dict],
+    name: str,
+    reference: str,
+    stat: str,
+    draws: int = 2000,
     scheme: str = "per seed",
 ) -> tuple[float, float, float]:
     """Mean over seeds of (name - reference) and its 95 % bootstrap interval; both methods
-    of a draw see the same resampled items. ``scheme`` "per seed" (every table before the
-    scale task): each seed's test items (and OOD items for AUROC) resampled independently
-    of the other seeds'. "two-way": every seed scores the same test and OOD items, so one
-    draw resamples the items once for all seeds and also resamples the seeds (a new test
-    set *and* new checkpoints); wider where the same items drive every seed's
-    difference."""
+    of a draw see the same resampled items. ``scheme`` "two-way":
+    :func:`bnnconvert.paired.paired_difference` over the seeds (every seed scores the
+    same test and OOD items: one draw resamples the items once for all seeds, and the
+    seeds). "per seed" (every table before the scale task, kept to reproduce them): each
+    seed's test items (and OOD items for AUROC) resampled independently of the other
+    seeds', which counts the shared items once per seed (too narrow)."""
+    ood = {"auroc_far": "entropy_ood", "auroc_near": "entropy_near"}.get(stat)
+    if scheme == "two-way":
+        key = "nll" if ood is None else "entropy_test"
+        a, b = ([r["items"][m][key] for r in seeds] for m in (name, reference))
+        extra = {} if ood is None else {
+            "ood_a": [r["items"][name][ood] for r in seeds],
+            "ood_b": [r["items"][reference][ood] for r in seeds],
+        }  # fmt: skip
+        diff = paired_difference(a, b, draws=draws, **extra)
+        return diff.estimate, diff.low, diff.high
     rng = np.random.default_rng(0)
-    n_seeds, two_way = len(seeds), scheme == "two-way"
-    pick = (rng.integers(0, n_seeds, (draws, n_seeds)) if two_way
-            else np.tile(np.arange(n_seeds), (draws, 1)))  # fmt: skip
-    if stat == "nll":
+    n_seeds = len(seeds)
+    if ood is None:
         d = np.stack([np.asarray(r["items"][name]["nll"]) - np.asarray(r["items"][reference]["nll"])
                       for r in seeds])  # fmt: skip
         n = d.shape[1]
-        shared = rng.integers(0, n, (draws, n)) if two_way else None
-        per_seed = np.stack([
-            d[s, shared if two_way else rng.integers(0, n, (draws, n))].mean(1)
-            for s in range(n_seeds)
-        ], 1)  # (draws, seeds)  # fmt: skip
+        per_seed = np.stack([d[s, rng.integers(0, n, (draws, n))].mean(1)
+                             for s in range(n_seeds)], 1)  # fmt: skip
         point = float(d.mean())
-    else:  # auroc_far / auroc_near by entropy
-        ood = "entropy_ood" if stat == "auroc_far" else "entropy_near"
+    else:
         arrays = [[np.asarray(r["items"][m][k]) for m in (name, reference)
                    for k in ("entropy_test", ood)] for r in seeds]  # fmt: skip
         point = float(np.mean([_np_auroc(a[0], a[1]) - _np_auroc(a[2], a[3]) for a in arrays]))
         n_test, n_ood = len(arrays[0][0]), len(arrays[0][1])
-
-        def resample() -> tuple[np.ndarray, np.ndarray]:  # (draws, n_test), (draws, n_ood)
-            pairs = [(rng.integers(0, n_test, n_test), rng.integers(0, n_ood, n_ood))
-                     for _ in range(draws)]  # fmt: skip
-            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-        shared = resample() if two_way else None
         columns = []
         for ta, oa, tb, ob in arrays:
-            it, io = shared if two_way else resample()
-            columns.append(_auroc_rows(ta[it], oa[io]) - _auroc_rows(tb[it], ob[io]))
+            pairs = [(rng.integers(0, n_test, n_test), rng.integers(0, n_ood, n_ood))
+                     for _ in range(draws)]  # fmt: skip
+            it, io = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+            columns.append(auroc_rows(ta[it], oa[io]) - auroc_rows(tb[it], ob[io]))
         per_seed = np.stack(columns, 1)  # (draws, seeds)
-    diffs = np.take_along_axis(per_seed, pick, 1).mean(1)
-    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    lo, hi = np.percentile(per_seed.mean(1), [2.5, 97.5])
     return point, float(lo), float(hi)
 
 
 def _np_auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return _auroc(torch.from_numpy(neg), torch.from_numpy(pos))
-
-
-def _auroc_rows(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """_auroc of every row: neg (D, n), pos (D, m) -> (D,), ties by average ranks."""
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([neg, pos], 1), axis=1)
-    n_pos, n_neg = pos.shape[1], neg.shape[1]
-    return (ranks[:, n_neg:].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 # ---------------------------------------------------------------------- report

@@ -58,6 +58,7 @@ __all__ = [
     "fpr_at_tpr",
     "image_uncertainty",
     "iou",
+    "item_nll",
     "mutual_information",
     "nll",
     "ood_scores",
@@ -460,14 +461,28 @@ def nll(probs: Tensor, targets: Tensor, *, task: Task = "multiclass", eps: float
         probs: (N, C, *spatial) or (N, L, *spatial).
         targets: (N, *spatial) class indices or (N, L, *spatial) 0/1.
     """
+    return item_nll(probs, targets, task=task, eps=eps).mean()
+
+
+def item_nll(
+    probs: Tensor, targets: Tensor, *, task: Task = "multiclass", eps: float = 1e-12
+) -> Tensor:
+    """:func:`nll` of each item (N,): the mean over its pixels (and labels); :func:`nll` is
+    their mean. What :func:`bnnconvert.paired.paired_difference` pairs between methods.
+
+    Args:
+        probs: (N, C, *spatial) or (N, L, *spatial).
+        targets: (N, *spatial) class indices or (N, L, *spatial) 0/1.
+    """
     _check_task(task)
     if task == "multiclass":
         _check_multiclass(probs, targets)
         p_true = probs.gather(1, targets.long().unsqueeze(1)).squeeze(1)
-        return -p_true.clamp_min(eps).log().mean()
+        losses = -p_true.clamp_min(eps).log()
+        return losses.flatten(1).mean(1) if losses.dim() > 1 else losses
     y = _multilabel_targets(probs, targets)
     log_p, log_q = probs.clamp_min(eps).log(), (1 - probs).clamp_min(eps).log()
-    return -(y * log_p + (1 - y) * log_q).mean()
+    return -(y * log_p + (1 - y) * log_q).flatten(1).mean(1)
 
 
 # --------------------------------------------------------------------- entropies

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -19,6 +20,7 @@ from bnnconvert.layers import bayesian_layers, convertible_parameters
 from bnnconvert.methods import (
     SWA,
     CheckpointEnsemble,
+    ComparisonReport,
     Deterministic,
     Ensemble,
     FullBayes,
@@ -460,6 +462,21 @@ def test_evaluate_methods_renders_the_table(seg_data):
     table = results_markdown(results)
     assert table.splitlines()[0].startswith("| method | Dice | IoU | Brier | entropy | ECE | NLL")
     assert "OOD AUROC" in table and "| ensemble2 |" in table and "2.00x" in table
+    # the paired differences against the deterministic model: their estimates are the
+    # differences of the table's NLL (the segmentation meter's pixel NLL) and OOD AUROC
+    report = ComparisonReport(results)
+    paired = report.paired()
+    assert report.reference() == "deterministic" and set(paired) == {"ensemble2", "partial1"}
+    for row in (ens, part):
+        nll, ood = paired[row["method"]]["nll"], paired[row["method"]]["ood_auroc"]
+        assert nll.estimate == pytest.approx(row["nll"] - det["nll"], abs=1e-5)
+        assert ood.estimate == pytest.approx(row["ood_auroc"] - det["ood_auroc"], abs=1e-9)
+        assert nll.low <= nll.estimate <= nll.high and nll.items == 4
+    assert "## Paired differences against deterministic" in report.markdown()
+    record = json.loads(report.to_json())
+    assert "per_item" not in record["rows"][0] and set(record["paired"]) == set(paired)
+    with pytest.raises(ValueError, match="no method 'temperature'"):
+        report.paired("temperature")
 
 
 class _KeywordCNN(nn.Module):

@@ -51,7 +51,7 @@ import platform
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,8 @@ from .._utils import (
     split_batch,
 )
 from ..flops import count_flops, training_cost
-from ..metrics import entropy_auroc, evaluate
+from ..metrics import entropy_auroc, evaluate, image_uncertainty, item_nll
+from ..paired import PairedDifference, paired_difference
 from ..plots import r_bayes_sweep
 from ..predict import Prediction
 from ..saliency import check_r_bayes
@@ -224,7 +225,10 @@ class _Setup:
         method.fit(self.train_data, epochs=budget, **kwargs)
         seconds = time.perf_counter() - start
         prediction = method.predict(self.test_data, keep_samples=False)
-        ood = None if self.ood_data is None else ood_auroc(method, prediction, self.ood_data)
+        outside = None
+        if self.ood_data is not None:
+            outside = method.predict(self.ood_data, keep_samples=False)
+        ood = None if outside is None else entropy_auroc(prediction, outside)
         row: dict[str, Any] = {
             "method": method.name,
             "task": method.task,
@@ -235,10 +239,31 @@ class _Setup:
             **evaluate(prediction, task=method.task),
             "ood_auroc": ood,
             "note": _note(method, ensemble),
+            "per_item": per_item_values(prediction, outside, method.task),
         }
         if self.reference is not None:
             row.update(_cost_row(method, self.reference, shared_pretraining=not ensemble))
         return row
+
+
+def per_item_values(
+    prediction: Prediction, ood: Prediction | None, task: str
+) -> dict[str, list[float]]:
+    """What :meth:`ComparisonReport.paired` pairs between methods: per test item its NLL
+    ("nll", :func:`~bnnconvert.metrics.item_nll`, the mean over pixels or labels) and its
+    uncertainty ("uncertainty", the entropy of the expected prediction per image), and
+    with ``ood`` the uncertainty of each OOD item ("ood_uncertainty")."""
+    probs, targets = prediction.probs, prediction.targets
+    if task == "segmentation" and probs.shape[1] == 1:  # one sigmoid channel: two classes
+        probs = torch.cat([1 - probs, probs], 1)
+    kind = "multilabel" if task == "multilabel" else "multiclass"
+    values = {
+        "nll": item_nll(probs, targets.to(probs.device), task=kind).tolist(),
+        "uncertainty": image_uncertainty(prediction).tolist(),
+    }
+    if ood is not None:
+        values["ood_uncertainty"] = image_uncertainty(ood).tolist()
+    return values
 
 
 def _note(method: Method, ensemble: bool) -> str:
@@ -325,11 +350,49 @@ class ComparisonReport:
         """The task of the rows: "multiclass", "multilabel" or "segmentation"."""
         return str((self.rows or self.sweep)[0]["task"])
 
+    def _itemised(self) -> dict[str, dict[str, Any]]:
+        return {r["method"]: r for r in [*self.rows, *self.sweep] if "per_item" in r}
+
+    def reference(self) -> str | None:
+        """The default reference of :meth:`paired`: "temperature" if it was run, else
+        "deterministic", else None."""
+        rows = self._itemised()
+        return next((n for n in ("temperature", "deterministic") if n in rows), None)
+
+    def paired(self, reference: str | None = None) -> dict[str, dict[str, PairedDifference]]:
+        """Every other method minus ``reference`` on the same test items: {method: {"nll":
+        ..., "ood_auroc": ... (with OOD data)}}, each a
+        :class:`~bnnconvert.paired.PairedDifference` with its 95 % paired bootstrap
+        interval (the test items, and the OOD items, resampled; the same draws for both
+        methods). ``reference`` defaults to "temperature" if it was run, else
+        "deterministic"; {} when neither was (or the rows carry no per-item values)."""
+        rows = self._itemised()
+        reference = reference or self.reference()
+        if reference is None:
+            return {}
+        if reference not in rows:
+            raise ValueError(f"no method {reference!r} in this report: one of {sorted(rows)}")
+        base = rows[reference]["per_item"]
+        out: dict[str, dict[str, PairedDifference]] = {}
+        for name, row in rows.items():
+            if name == reference:
+                continue
+            mine = row["per_item"]
+            out[name] = {"nll": paired_difference(mine["nll"], base["nll"])}
+            if "ood_uncertainty" in mine and "ood_uncertainty" in base:
+                out[name]["ood_auroc"] = paired_difference(
+                    mine["uncertainty"], base["uncertainty"],
+                    ood_a=mine["ood_uncertainty"], ood_b=base["ood_uncertainty"],
+                )  # fmt: skip
+        return out
+
     def markdown(self) -> str:
-        """The report: settings, the comparison table and, with a sweep, its table and
-        figure (linked as ``r_bayes_sweep.png``)."""
+        """The report: settings, the comparison table, the paired differences against the
+        reference method (:meth:`paired`) and, with a sweep, its table and figure (linked
+        as ``r_bayes_sweep.png``)."""
         parts = ["# Benchmark", "", *_settings_lines(self.settings)]  # the command's name
         parts += ["", "## Comparison", "", results_markdown(self.rows)]
+        parts += _paired_lines(self)
         if self.sweep:
             parts += ["", "## r_bayes sweep", "", results_markdown(self.sweep), ""]
             parts += [f"![r_bayes sweep]({REPORT_FILES['sweep']})"]
@@ -357,8 +420,11 @@ class ComparisonReport:
         )
 
     def to_json(self) -> str:
-        """Rows, sweep and settings as JSON (NaN as null)."""
-        record = {"settings": self.settings, "rows": self.rows, "sweep": self.sweep}
+        """Rows (without their per-item values), sweep, settings and the paired differences
+        (:meth:`paired`) as JSON (NaN as null)."""
+        rows, sweep = ([_without_items(r) for r in rs] for rs in (self.rows, self.sweep))
+        paired = {n: {k: asdict(v) for k, v in d.items()} for n, d in self.paired().items()}
+        record = {"settings": self.settings, "rows": rows, "sweep": sweep, "paired": paired}
         return json.dumps(json_safe(record), indent=2) + "\n"
 
     def write(self, folder: str | os.PathLike) -> list[Path]:
@@ -454,6 +520,29 @@ def run_comparison(
         sweep=[{**by_name[n], "r_bayes": r} for n, r in swept.items()],
         settings=report_facts,
     )
+
+
+def _without_items(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "per_item"}
+
+
+def _paired_lines(report: ComparisonReport) -> list[str]:
+    """The markdown section of :meth:`ComparisonReport.paired` ([] without a reference)."""
+    paired = report.paired()
+    if not paired:
+        return []
+    reference = report.reference()
+    n_items = next(iter(next(iter(paired.values())).values())).items
+    lines = ["", f"## Paired differences against {reference}", "",
+             f"Each method minus {reference} on the same {n_items} test items (and the same "
+             "OOD items), 95 % paired bootstrap intervals (the items resampled, the same "
+             "draws for both; one seed: the interval says nothing about another training "
+             "run). Lower NLL and higher OOD AUROC are better.", "",
+             "| method | NLL | OOD AUROC |", "|---|---|---|"]  # fmt: skip
+    for name, diff in paired.items():
+        ood = diff.get("ood_auroc")
+        lines.append(f"| {name} | {diff['nll']} | {ood if ood is not None else ''} |")
+    return lines
 
 
 def _machine() -> dict[str, Any]:
