@@ -477,6 +477,10 @@ def test_evaluate_methods_renders_the_table(seg_data):
     assert "per_item" not in record["rows"][0] and set(record["paired"]) == set(paired)
     with pytest.raises(ValueError, match="no method 'temperature'"):
         report.paired("temperature")
+    diverged = copy.deepcopy(results)  # a NaN prediction: no interval, the report still renders
+    diverged[2]["per_item"]["nll"][0] = float("nan")
+    assert set(ComparisonReport(diverged).paired()) == {"ensemble2"}
+    assert "| ensemble2 |" in ComparisonReport(diverged).markdown()
 
 
 class _KeywordCNN(nn.Module):

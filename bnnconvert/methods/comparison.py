@@ -253,12 +253,13 @@ def per_item_values(
     ("nll", :func:`~bnnconvert.metrics.item_nll`, the mean over pixels or labels) and its
     uncertainty ("uncertainty", the entropy of the expected prediction per image), and
     with ``ood`` the uncertainty of each OOD item ("ood_uncertainty")."""
-    probs, targets = prediction.probs, prediction.targets
-    if task == "segmentation" and probs.shape[1] == 1:  # one sigmoid channel: two classes
-        probs = torch.cat([1 - probs, probs], 1)
+    probs, targets = prediction.probs, prediction.targets.to(prediction.probs.device)
+    if task == "segmentation":  # as the segmentation metrics read them
+        probs = torch.cat([1 - probs, probs], 1) if probs.shape[1] == 1 else probs
+        targets = targets[:, 0] if targets.ndim == probs.ndim else targets
     kind = "multilabel" if task == "multilabel" else "multiclass"
     values = {
-        "nll": item_nll(probs, targets.to(probs.device), task=kind).tolist(),
+        "nll": item_nll(probs, targets, task=kind).tolist(),
         "uncertainty": image_uncertainty(prediction).tolist(),
     }
     if ood is not None:
@@ -365,7 +366,8 @@ class ComparisonReport:
         :class:`~bnnconvert.paired.PairedDifference` with its 95 % paired bootstrap
         interval (the test items, and the OOD items, resampled; the same draws for both
         methods). ``reference`` defaults to "temperature" if it was run, else
-        "deterministic"; {} when neither was (or the rows carry no per-item values)."""
+        "deterministic"; {} when neither was (or the rows carry no per-item values). A
+        method whose per-item values are not finite (a diverged fit) is left out."""
         rows = self._itemised()
         reference = reference or self.reference()
         if reference is None:
@@ -374,9 +376,11 @@ class ComparisonReport:
             raise ValueError(f"no method {reference!r} in this report: one of {sorted(rows)}")
         base = rows[reference]["per_item"]
         out: dict[str, dict[str, PairedDifference]] = {}
+        if not _finite(base):
+            return out
         for name, row in rows.items():
-            if name == reference:
-                continue
+            if name == reference or not _finite(row["per_item"]):
+                continue  # a diverged method (NaN) has no interval; the table shows it
             mine = row["per_item"]
             out[name] = {"nll": paired_difference(mine["nll"], base["nll"])}
             if "ood_uncertainty" in mine and "ood_uncertainty" in base:
@@ -520,6 +524,10 @@ def run_comparison(
         sweep=[{**by_name[n], "r_bayes": r} for n, r in swept.items()],
         settings=report_facts,
     )
+
+
+def _finite(values: Mapping[str, list[float]]) -> bool:
+    return all(math.isfinite(v) for column in values.values() for v in column)
 
 
 def _without_items(row: Mapping[str, Any]) -> dict[str, Any]:
