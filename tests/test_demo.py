@@ -90,6 +90,30 @@ def test_metrics_are_finite_and_in_range(cli_run):
 
 
 @pytest.mark.integration
+def test_paired_differences_against_temperature_scaling(cli_run):
+    """Every other row minus temperature scaling, item by item: the estimates equal the
+    differences of the tables' NLL (the classification metrics, the segmentation meter's
+    pixel NLL) and OOD AUROC, computed independently; each inside its interval; the
+    per-item values stay out of results.json."""
+    out, _, res = cli_run
+    for kind, rows in ROWS.items():
+        table = {r["method"]: r for r in res[kind]}
+        paired = res["paired"][kind]
+        assert set(paired) == set(rows) - {"temperature scaling"}
+        ts = table["temperature scaling"]
+        for name, diff in paired.items():
+            nll = diff["nll"]
+            assert nll["estimate"] == pytest.approx(table[name]["nll"] - ts["nll"], abs=1e-5)
+            assert nll["low"] <= nll["estimate"] <= nll["high"]
+            if kind == "classification":
+                ood = diff["ood_auroc"]["estimate"]
+                assert ood == pytest.approx(table[name]["ood_auroc"] - ts["ood_auroc"], abs=1e-6)
+        assert all("per_item" not in r for r in res[kind])
+    report = (out / "results.md").read_text()
+    assert report.count("### Paired differences against temperature scaling") == 2
+
+
+@pytest.mark.integration
 def test_the_models_learned(cli_run):
     """Far above chance (10 classes: 0.1; Dice of an all-background mask: 0), and the
     photographs are told from the digits by the entropy better than a coin flip (except by

@@ -24,8 +24,11 @@ from .comparison import (
     compare_methods_on_data,
     evaluate_methods,
     ood_auroc,
+    paired_markdown,
+    per_item_values,
     results_markdown,
     run_comparison,
+    without_items,
 )
 from .deterministic import Deterministic, fit_temperature
 from .ensemble import Ensemble, reset_parameters
@@ -68,8 +71,11 @@ __all__ = [
     "last_convertible_layers",
     "lr_at",
     "ood_auroc",
+    "paired_markdown",
+    "per_item_values",
     "reseed_data",
     "reset_parameters",
     "results_markdown",
     "run_comparison",
+    "without_items",
 ]

@@ -90,9 +90,13 @@ __all__ = [
     "compare_methods_on_data",
     "evaluate_methods",
     "ood_auroc",
+    "paired_differences",
+    "paired_markdown",
+    "per_item_values",
     "results_markdown",
     "run_comparison",
     "sweep_method_names",
+    "without_items",
 ]
 
 log = logging.getLogger(__name__)
@@ -361,34 +365,11 @@ class ComparisonReport:
         return next((n for n in ("temperature", "deterministic") if n in rows), None)
 
     def paired(self, reference: str | None = None) -> dict[str, dict[str, PairedDifference]]:
-        """Every other method minus ``reference`` on the same test items: {method: {"nll":
-        ..., "ood_auroc": ... (with OOD data)}}, each a
-        :class:`~bnnconvert.paired.PairedDifference` with its 95 % paired bootstrap
-        interval (the test items, and the OOD items, resampled; the same draws for both
-        methods). ``reference`` defaults to "temperature" if it was run, else
-        "deterministic"; {} when neither was (or the rows carry no per-item values). A
-        method whose per-item values are not finite (a diverged fit) is left out."""
-        rows = self._itemised()
+        """:func:`paired_differences` of every row (and sweep row) against ``reference``,
+        by default :meth:`reference`; {} when there is none."""
         reference = reference or self.reference()
-        if reference is None:
-            return {}
-        if reference not in rows:
-            raise ValueError(f"no method {reference!r} in this report: one of {sorted(rows)}")
-        base = rows[reference]["per_item"]
-        out: dict[str, dict[str, PairedDifference]] = {}
-        if not _finite(base):
-            return out
-        for name, row in rows.items():
-            if name == reference or not _finite(row["per_item"]):
-                continue  # a diverged method (NaN) has no interval; the table shows it
-            mine = row["per_item"]
-            out[name] = {"nll": paired_difference(mine["nll"], base["nll"])}
-            if "ood_uncertainty" in mine and "ood_uncertainty" in base:
-                out[name]["ood_auroc"] = paired_difference(
-                    mine["uncertainty"], base["uncertainty"],
-                    ood_a=mine["ood_uncertainty"], ood_b=base["ood_uncertainty"],
-                )  # fmt: skip
-        return out
+        rows = list(self._itemised().values())
+        return {} if reference is None else paired_differences(rows, reference)
 
     def markdown(self) -> str:
         """The report: settings, the comparison table, the paired differences against the
@@ -396,7 +377,9 @@ class ComparisonReport:
         as ``r_bayes_sweep.png``)."""
         parts = ["# Benchmark", "", *_settings_lines(self.settings)]  # the command's name
         parts += ["", "## Comparison", "", results_markdown(self.rows)]
-        parts += _paired_lines(self)
+        reference = self.reference()
+        if reference is not None:
+            parts += ["", paired_markdown(list(self._itemised().values()), reference)]
         if self.sweep:
             parts += ["", "## r_bayes sweep", "", results_markdown(self.sweep), ""]
             parts += [f"![r_bayes sweep]({REPORT_FILES['sweep']})"]
@@ -426,7 +409,7 @@ class ComparisonReport:
     def to_json(self) -> str:
         """Rows (without their per-item values), sweep, settings and the paired differences
         (:meth:`paired`) as JSON (NaN as null)."""
-        rows, sweep = ([_without_items(r) for r in rs] for rs in (self.rows, self.sweep))
+        rows, sweep = without_items(self.rows), without_items(self.sweep)
         paired = {n: {k: asdict(v) for k, v in d.items()} for n, d in self.paired().items()}
         record = {"settings": self.settings, "rows": rows, "sweep": sweep, "paired": paired}
         return json.dumps(json_safe(record), indent=2) + "\n"
@@ -530,18 +513,44 @@ def _finite(values: Mapping[str, list[float]]) -> bool:
     return all(math.isfinite(v) for column in values.values() for v in column)
 
 
-def _without_items(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k != "per_item"}
+def paired_differences(
+    rows: Sequence[Mapping[str, Any]], reference: str
+) -> dict[str, dict[str, PairedDifference]]:
+    """Every row minus the row named ``reference`` on the same test items: {method:
+    {"nll": ..., "ood_auroc": ... (with OOD data)}}, each a
+    :class:`~bnnconvert.paired.PairedDifference` with its 95 % paired bootstrap interval
+    (the test items, and the OOD items, resampled; the same draws for both methods), from
+    the rows' "per_item" values (:func:`per_item_values`). Rows without them, or whose
+    values are not finite (a diverged fit), are left out.
+
+    Raises ValueError when no row is named ``reference``."""
+    itemised = {r["method"]: r["per_item"] for r in rows if "per_item" in r}
+    if reference not in itemised:
+        raise ValueError(f"no method {reference!r} in these rows: one of {sorted(itemised)}")
+    base = itemised[reference]
+    out: dict[str, dict[str, PairedDifference]] = {}
+    if not _finite(base):
+        return out
+    for name, mine in itemised.items():
+        if name == reference or not _finite(mine):
+            continue
+        out[name] = {"nll": paired_difference(mine["nll"], base["nll"])}
+        if "ood_uncertainty" in mine and "ood_uncertainty" in base:
+            out[name]["ood_auroc"] = paired_difference(
+                mine["uncertainty"], base["uncertainty"],
+                ood_a=mine["ood_uncertainty"], ood_b=base["ood_uncertainty"],
+            )  # fmt: skip
+    return out
 
 
-def _paired_lines(report: ComparisonReport) -> list[str]:
-    """The markdown section of :meth:`ComparisonReport.paired` ([] without a reference)."""
-    paired = report.paired()
+def paired_markdown(rows: Sequence[Mapping[str, Any]], reference: str) -> str:
+    """The section "Paired differences against ``reference``" of a report: a table of
+    :func:`paired_differences` ("" when no other row has per-item values)."""
+    paired = paired_differences(rows, reference)
     if not paired:
-        return []
-    reference = report.reference()
-    n_items = next(iter(next(iter(paired.values())).values())).items
-    lines = ["", f"## Paired differences against {reference}", "",
+        return ""
+    n_items = next(iter(paired.values()))["nll"].items
+    lines = [f"## Paired differences against {reference}", "",
              f"Each method minus {reference} on the same {n_items} test items (and the same "
              "OOD items), 95 % paired bootstrap intervals (the items resampled, the same "
              "draws for both; one seed: the interval says nothing about another training "
@@ -550,7 +559,12 @@ def _paired_lines(report: ComparisonReport) -> list[str]:
     for name, diff in paired.items():
         ood = diff.get("ood_auroc")
         lines.append(f"| {name} | {diff['nll']} | {ood if ood is not None else ''} |")
-    return lines
+    return "\n".join(lines)
+
+
+def without_items(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without their "per_item" values (what the JSON reports keep)."""
+    return [{k: v for k, v in row.items() if k != "per_item"} for row in rows]
 
 
 def _machine() -> dict[str, Any]:
