@@ -550,15 +550,18 @@ def paired_markdown(rows: Sequence[Mapping[str, Any]], reference: str) -> str:
     if not paired:
         return ""
     n_items = next(iter(paired.values()))["nll"].items
+    ood = any("ood_auroc" in diff for diff in paired.values())
     lines = [f"## Paired differences against {reference}", "",
-             f"Each method minus {reference} on the same {n_items} test items (and the same "
-             "OOD items), 95 % paired bootstrap intervals (the items resampled, the same "
-             "draws for both; one seed: the interval says nothing about another training "
-             "run). Lower NLL and higher OOD AUROC are better.", "",
-             "| method | NLL | OOD AUROC |", "|---|---|---|"]  # fmt: skip
+             f"Each method minus {reference} on the same {n_items} test items"
+             + (" (and the same OOD items)" if ood else "")
+             + ", 95 % paired bootstrap intervals (the items resampled, the same draws for "
+             "both; one seed: the interval says nothing about another training run). Lower "
+             "NLL" + (" and higher OOD AUROC are" if ood else " is") + " better.", "",
+             "| method | NLL |" + (" OOD AUROC |" if ood else ""),
+             "|---|---|" + ("---|" if ood else "")]  # fmt: skip
     for name, diff in paired.items():
-        ood = diff.get("ood_auroc")
-        lines.append(f"| {name} | {diff['nll']} | {ood if ood is not None else ''} |")
+        cell = f" {diff['ood_auroc']} |" if "ood_auroc" in diff else (" |" if ood else "")
+        lines.append(f"| {name} | {diff['nll']} |{cell}")
     return "\n".join(lines)
 
 
