@@ -625,7 +625,7 @@ def paired_interval(
 
 
 def _np_auroc(neg: np.ndarray, pos: np.ndarray) -> float:
-    return _auroc(torch.from_numpy(neg), torch.from_numpy(pos))
+    return float(auroc_rows(neg[None], pos[None])[0])
 
 
 # ---------------------------------------------------------------------- report
@@ -1146,6 +1146,9 @@ def scale_intervals(seeds: list[dict], choice: dict) -> tuple[dict, str]:
 
 def scale_intervals_main(folder: Path) -> None:
     """Recompute scale_intervals.{json,md} from scale.json and scale_items.pt."""
+    for name in ("scale.json", "scale_items.pt", "scale_choice.json"):
+        if not (folder / name).exists():
+            raise SystemExit(f"{folder / name} is missing: run --task scale first")
     report = json.loads((folder / "scale.json").read_text())
     items = torch.load(folder / "scale_items.pt", weights_only=False)
     seeds = [{**s, "items": items[s["seed"]]} for s in report["seeds"]]

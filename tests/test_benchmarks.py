@@ -264,6 +264,11 @@ def test_posterior_study_scale_tasks(tmp_path):
     cmd = [sys.executable, str(STUDY), "--task", "scale", "--quick", "--seeds", "0"]
     refused = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True)
     assert refused.returncode != 0 and "scale-choose" in refused.stderr
+    cmd_intervals = [sys.executable, str(STUDY), "--task", "scale-intervals"]
+    refused = subprocess.run([*cmd_intervals, "--out", str(tmp_path)], capture_output=True,
+                             text=True)  # fmt: skip
+    assert refused.returncode != 0 and "run --task scale first" in refused.stderr
+    assert not (tmp_path / "scale_intervals.md").exists()
     choose = [sys.executable, str(STUDY), "--task", "scale-choose", "--quick", "--seeds", "0"]
     subprocess.run([*choose, "--out", str(tmp_path)], check=True, capture_output=True,
                    text=True, timeout=600)  # fmt: skip

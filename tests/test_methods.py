@@ -483,6 +483,26 @@ def test_evaluate_methods_renders_the_table(seg_data):
     assert "| ensemble2 |" in ComparisonReport(diverged).markdown()
 
 
+def test_per_item_values_of_a_sigmoid_segmentation_match_the_segmentation_meter():
+    """One sigmoid channel and (N, 1, H, W) masks are read as the segmentation metrics read
+    them: the mean of the per-image NLL is the meter's pixel NLL."""
+    from bnnconvert.methods.comparison import per_item_values
+    from bnnconvert.predict import Prediction
+
+    g = torch.Generator().manual_seed(2)
+    probs = torch.rand(4, 1, 6, 6, generator=g)
+    masks = torch.randint(0, 2, (4, 1, 6, 6), generator=g)
+    entropy = torch.rand(4, 6, 6, generator=g)
+    pred = Prediction(probs, torch.zeros_like(probs), activation="sigmoid", entropy=entropy,
+                      expected_entropy=entropy, mutual_info=torch.zeros_like(entropy),
+                      targets=masks)  # fmt: skip
+    values = per_item_values(pred, None, "segmentation")
+    assert len(values["nll"]) == 4 and "ood_uncertainty" not in values
+    assert np.mean(values["nll"]) == pytest.approx(evaluate(pred, task="segmentation")["nll"],
+                                                   rel=1e-5)  # fmt: skip
+    assert values["uncertainty"] == pytest.approx(entropy.mean((1, 2)).tolist())
+
+
 class _KeywordCNN(nn.Module):
     """A Hugging Face-like classifier: ``model(pixel_values=x)`` -> logits (N, C)."""
 

@@ -185,6 +185,26 @@ def test_nll_and_probabilities_zero_and_one():
     assert M.entropy_of_expectation(probs)[:2].tolist() == [0.0, 0.0]
 
 
+def test_item_nll_matches_torch_losses_item_by_item():
+    """Per item: multiclass -log p_y (torch's nll_loss on log p), segmentation the mean
+    over pixels, multilabel the mean binary cross-entropy over labels; nll is their mean."""
+    g = torch.Generator().manual_seed(6)
+    probs = torch.softmax(torch.randn(7, 4, generator=g, dtype=torch.float64), 1)
+    y = torch.randint(0, 4, (7,), generator=g)
+    ref = torch.nn.functional.nll_loss(probs.log(), y, reduction="none")
+    assert torch.allclose(M.item_nll(probs, y), ref)
+    seg = torch.softmax(torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64), 1)
+    mask = torch.randint(0, 2, (3, 5, 5), generator=g)
+    ref = torch.nn.functional.nll_loss(seg.log(), mask, reduction="none").mean((1, 2))
+    assert torch.allclose(M.item_nll(seg, mask), ref)
+    ml = torch.rand(6, 3, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 2, (6, 3), generator=g)
+    ref = torch.nn.functional.binary_cross_entropy(ml, labels.double(), reduction="none")
+    assert torch.allclose(M.item_nll(ml, labels, task="multilabel"), ref.mean(1))
+    pixel_mean = torch.nn.functional.nll_loss(seg.log(), mask).item()
+    assert M.nll(seg, mask).item() == pytest.approx(pixel_mean)
+
+
 # --------------------------------------------------------------------- entropies
 def test_entropy_and_mutual_information_match_numpy():
     g = torch.Generator().manual_seed(4)
